@@ -1,0 +1,1 @@
+"""specee: early-exit and self-speculative decoding for Llama-family models."""

@@ -1,0 +1,1 @@
+"""Triton kernels of specee, installed as specee.triton_kernels."""
