@@ -1,0 +1,129 @@
+"""KV cache with per-layer presence, written by slot; the deferred-fill queue.
+
+Slots are columns of the padded batch: the prompt fills slots [0, P), the token of decode step i
+goes to slot P + i - 1 in every row. Buffers are allocated once (static shapes, compile-ready) and
+written by index; nothing is concatenated per token.
+
+An early exit leaves a *hole*: slot s has no K/V at the layers above the step's exit layer. Exits
+are shared by the batch (one exit point per step), so presence is tracked per (layer, slot), not
+per row. Attention at layer l masks out the slots that are not present there.
+"""
+from __future__ import annotations
+
+import torch
+
+from .models import ModelShape
+
+
+class KVCache:
+    """Static per-layer K/V buffers ``[layers, batch, kv_heads, max_len, head_dim]``.
+
+    Attributes
+    ----------
+    present : BoolTensor [layers, max_len]
+        Slot s holds K/V at layer l.
+    token_valid : BoolTensor [batch, max_len]
+        Slot s of row b holds a real token (False for left padding).
+    positions : LongTensor [batch, max_len]
+        The RoPE position of each slot in its row.
+    length : int
+        Slots in use (a host-side int: it is fixed by the schedule, not by device values).
+    """
+
+    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device):
+        kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
+        self.k = torch.zeros(kv, dtype=dtype, device=device)
+        self.v = torch.zeros(kv, dtype=dtype, device=device)
+        self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
+        self.token_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.has_holes = False
+
+    def append(self, valid: torch.Tensor, positions: torch.Tensor) -> slice:
+        """Reserve the next ``valid.shape[1]`` slots for new tokens; returns their slot range."""
+        n = valid.shape[1]
+        if self.length + n > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} slots); raise max_length or max_new_tokens' budget.")
+        slots = slice(self.length, self.length + n)
+        self.token_valid[:, slots] = valid
+        self.positions[:, slots] = positions
+        self.length += n
+        return slots
+
+    def view(self, slots: torch.Tensor, contiguous: slice | None) -> "LayerKV":
+        return LayerKV(self, slots, contiguous)
+
+    def mask(self, layer: int | None, slots: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
+        """Attention mask [B, 1, q, length] for queries at ``slots`` [q]; ``layer=None`` ignores holes.
+
+        A query may attend to real tokens at or before its slot that are present at this layer; it
+        always sees itself, so padding queries never produce NaN (their outputs are never read).
+        """
+        n = self.length
+        keys = torch.arange(n, device=slots.device)
+        allowed = self.token_valid[:, None, :n] & (keys[None, None, :] <= slots[None, :, None])
+        if layer is not None and self.has_holes:
+            present = self.present[layer, :n].clone()
+            present[slots] = True  # the queries' own K/V are written by this very call
+            allowed = allowed & present[None, None, :]
+        allowed = (allowed | (keys[None, None, :] == slots[None, :, None]))[:, None]
+        if not additive:
+            return allowed
+        return torch.zeros(allowed.shape, dtype=dtype, device=slots.device).masked_fill_(
+            ~allowed, torch.finfo(dtype).min)
+
+
+class LayerKV:
+    """What a transformers attention module sees as ``past_key_values``: ``update`` writes by slot."""
+
+    def __init__(self, cache: KVCache, slots: torch.Tensor, contiguous: slice | None):
+        self.cache, self.slots, self.contiguous = cache, slots, contiguous
+
+    def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
+        c = self.cache
+        if self.contiguous is not None:
+            c.k[layer_idx, :, :, self.contiguous] = key_states
+            c.v[layer_idx, :, :, self.contiguous] = value_states
+            c.present[layer_idx, self.contiguous] = True
+        else:
+            c.k[layer_idx].index_copy_(2, self.slots, key_states)
+            c.v[layer_idx].index_copy_(2, self.slots, value_states)
+            c.present[layer_idx, self.slots] = True
+        return c.k[layer_idx, :, :, : c.length], c.v[layer_idx, :, :, : c.length]
+
+
+class DeferredQueue:
+    """Slots whose hidden states stopped at an exit layer, waiting for the missing layers.
+
+    ``depth[i]`` is how many layers slot ``slots[i]`` has been through; ``hidden[:, i]`` is its state
+    after them. The next step that runs layer l takes every pending slot with depth <= l along with
+    its own token (FREE / EE-LLM's deferred fill), so the KV ends exactly as a full forward's.
+    """
+
+    def __init__(self):
+        self.slots: list[int] = []
+        self.depth: list[int] = []
+        self.hidden: torch.Tensor | None = None  # [B, n_pending, d]
+
+    def __len__(self):
+        return len(self.slots)
+
+    def push(self, slot: int, depth: int, hidden: torch.Tensor):
+        self.slots.append(slot)
+        self.depth.append(depth)
+        self.hidden = hidden if self.hidden is None else torch.cat([self.hidden, hidden], dim=1)
+
+    def active(self, layer: int) -> list[int]:
+        """Indices (into the queue) of the pending slots that must run ``layer``."""
+        return [i for i, d in enumerate(self.depth) if d <= layer]
+
+    def advance(self, reached: int, num_layers: int):
+        """Pending slots went through layers up to ``reached``; drop those that are complete."""
+        self.depth = [max(d, reached) for d in self.depth]
+        keep = [i for i, d in enumerate(self.depth) if d < num_layers]
+        if len(keep) < len(self.depth):
+            self.slots = [self.slots[i] for i in keep]
+            self.depth = [self.depth[i] for i in keep]
+            self.hidden = self.hidden[:, keep] if keep else None

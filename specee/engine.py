@@ -1,0 +1,230 @@
+"""The decode loop: prefill, step, the batch's exit point, the KV policy. Mechanism only.
+
+One exit point per decoding step is shared by the whole batch (SkipDecode): a row whose exit fires
+is done with its token, but keeps flowing through the step's layers until every row has exited, so
+its KV is exact up to the step's exit layer. Above it the step leaves a hole, handled by the KV
+policy: ``skip`` (later tokens attend only to what is present), ``propagate`` (K/V of the skipped
+layers projected from the exit hidden state, CALM), ``deferred`` (the pending hidden states run the
+missing layers with the next deeper step's token, exact), ``monotone`` (the exit layer never
+increases, so no hole is read).
+
+Token selection follows transformers' ``_sample`` line for line (logits processors on fp32 logits,
+argmax or ``torch.multinomial``), so ``full`` reproduces ``model.generate`` token for token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cache import DeferredQueue, KVCache
+from .models import DecoderAdapter
+from .policies import ExitConfig, StepPlan, make_policy
+
+
+@dataclass
+class DecodeResult:
+    sequences: torch.Tensor                      # [B, P + T]
+    exit_layers: torch.Tensor                    # [B, T] layers run for each token (0 after the row finished)
+    scores: tuple | None = None
+    logits: tuple | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    """Decodes a Llama-family model with a given exit policy.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        See ``models.SUPPORTED_ARCHITECTURES``.
+    mode : str
+        ``full``, ``skipdecode``, ``confidence`` or ``early_exit`` (see ``policies``).
+    exit_config : ExitConfig or dict, optional
+    """
+
+    def __init__(self, model, mode: str = "full", exit_config=None):
+        self.adapter = DecoderAdapter(model)
+        self.config = ExitConfig.coerce(exit_config)
+        self.mode = mode
+        self.policy = make_policy(mode, self.adapter.num_layers, self.config)
+        self.kv_policy = "monotone" if mode == "skipdecode" else self.config.kv_policy
+        self.host_syncs = 0
+        self.cache: KVCache | None = None
+        self.pending = DeferredQueue()
+
+    # ------------------------------------------------------------------ layers
+    def _run(self, hidden: torch.Tensor, slots: list[int], plan: StepPlan, finished: torch.Tensor | None):
+        """Run ``plan`` for the tokens at ``slots`` (hidden [B, q, d]) plus any deferred slots.
+
+        Returns (hidden after the last layer run [B, q, d], layers run, exit bookkeeping or None).
+        """
+        a, cache = self.adapter, self.cache
+        pend = self.pending if self.kv_policy == "deferred" and len(self.pending) else None
+        all_slots = (pend.slots if pend else []) + slots
+        slot_index = {s: i for i, s in enumerate(all_slots)}
+        all_t = torch.tensor(all_slots, device=hidden.device)
+        position_ids = cache.positions[:, all_t]
+        cos, sin = a.rope(hidden, position_ids)
+        additive = a.attn_implementation == "eager"
+        contiguous = slice(slots[0], slots[-1] + 1)
+        cur_t = all_t[len(all_slots) - len(slots):]
+        shared_mask = None if cache.has_holes else cache.mask(None, cur_t, a.dtype, additive)
+
+        exits = None
+        if plan.eval_layers:
+            B, V = hidden.shape[0], a.shape.vocab_size
+            exits = dict(done=finished.clone(), logits=torch.zeros(B, V, device=hidden.device),
+                         layer=torch.zeros(B, dtype=torch.long, device=hidden.device))
+        run = 0
+        for l in plan.layers:
+            active = pend.active(l) if pend else []
+            if active:
+                q_slots = [pend.slots[i] for i in active] + slots
+                idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
+                x = torch.cat([pend.hidden[:, active], hidden], dim=1)
+                mask = cache.mask(l, all_t[idx], a.dtype, additive)
+                out = a.layer(l, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]),
+                              cache.view(all_t[idx], None))
+                pend.hidden[:, active] = out[:, : len(active)]
+                hidden = out[:, len(active):]
+            else:
+                mask = shared_mask if shared_mask is not None else cache.mask(l, cur_t, a.dtype, additive)
+                k = len(all_slots) - len(slots)
+                hidden = a.layer(l, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
+                                 cache.view(cur_t, contiguous))
+            run += 1
+            if l in plan.eval_layers:
+                exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
+                newly = exit_now & ~exits["done"]
+                if logits is None:
+                    logits = a.logits(hidden[:, -1])
+                exits["logits"] = torch.where(newly[:, None], logits, exits["logits"])
+                exits["layer"] = torch.where(newly, l + 1, exits["layer"])
+                exits["done"] |= newly
+                self.host_syncs += 1  # the one read-back per evaluated layer: can the batch stop here?
+                if bool(exits["done"].all()):
+                    break
+        if pend:
+            pend.advance(l + 1, a.num_layers)
+        return hidden, plan.layers[: run], exits
+
+    def _fill_holes(self, hidden: torch.Tensor, slot: int, reached: int):
+        """Apply the KV policy to the layers a step did not run (``reached`` .. L-1) for its slot."""
+        L, cache = self.adapter.num_layers, self.cache
+        if reached >= L:
+            return
+        cache.has_holes = True
+        if self.kv_policy == "propagate":
+            pos = cache.positions[:, slot: slot + 1]
+            rope = self.adapter.rope(hidden, pos)
+            for l in range(reached, L):
+                k, v = self.adapter.kv_projection(l, hidden, rope)
+                cache.k[l, :, :, slot: slot + 1] = k
+                cache.v[l, :, :, slot: slot + 1] = v
+                cache.present[l, slot] = True
+        elif self.kv_policy == "deferred":
+            self.pending.push(slot, reached, hidden)
+
+    def flush(self):
+        """Run every deferred slot through its missing layers (the KV then equals a full forward's)."""
+        if self.kv_policy != "deferred" or not len(self.pending):
+            return
+        a, pend = self.adapter, self.pending
+        while len(pend):
+            l = min(pend.depth)
+            active = pend.active(l)
+            slots_t = torch.tensor([pend.slots[i] for i in active], device=pend.hidden.device)
+            pos = self.cache.positions[:, slots_t]
+            x = pend.hidden[:, active]
+            rope = a.rope(x, pos)
+            mask = self.cache.mask(l, slots_t, a.dtype, a.attn_implementation == "eager")
+            pend.hidden[:, active] = a.layer(l, x, mask, pos, rope, self.cache.view(slots_t, None))
+            pend.advance(l + 1, a.num_layers)
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def decode(self, input_ids, attention_mask=None, *, logits_processor=None, stopping_criteria=None,
+               generation_config=None, streamer=None, max_length: int | None = None) -> DecodeResult:
+        """Generate until ``stopping_criteria`` (transformers') says every row is done.
+
+        Shape: input_ids [B, P] left-padded; attention_mask [B, P] or None.
+        """
+        a = self.adapter
+        device = input_ids.device
+        B, P = input_ids.shape
+        gc = generation_config
+        max_length = max_length or gc.max_length
+        do_sample = bool(getattr(gc, "do_sample", False))
+        pad = getattr(gc, "_pad_token_tensor", None)
+        want_scores = gc.return_dict_in_generate and gc.output_scores
+        want_logits = gc.return_dict_in_generate and gc.output_logits
+        has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        L = a.num_layers
+
+        valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
+        self.cache = KVCache(a.shape, B, max_length, a.dtype, device)
+        self.pending = DeferredQueue()
+        self.host_syncs = 0
+        self.policy.reset(B, max_length - P)
+        self.cache.append(valid, positions)
+        next_pos = positions[:, -1:] + 1
+
+        # Prefill: the prompt at full depth.
+        hidden, _, _ = self._run(a.embed(input_ids), list(range(P)), self.policy._all, None)
+        logits = a.logits(hidden[:, -1])
+        step_exit = torch.full((B,), L, dtype=torch.long, device=device)
+
+        unfinished = torch.ones(B, dtype=torch.long, device=device)
+        scores = () if want_scores else None
+        raw, exit_layers = (), []
+        max_depth, step = L, 0
+        while True:
+            next_scores = logits_processor(input_ids, logits)
+            if want_scores:
+                scores += (next_scores,)
+            if want_logits:
+                raw += (logits,)
+            if do_sample:
+                probs = torch.nn.functional.softmax(next_scores, dim=-1)
+                tokens = torch.multinomial(probs, num_samples=1).squeeze(1)
+            else:
+                tokens = torch.argmax(next_scores, dim=-1)
+            if has_eos:
+                tokens = tokens * unfinished + pad * (1 - unfinished)
+            exit_layers.append(step_exit * unfinished)
+            input_ids = torch.cat([input_ids, tokens[:, None]], dim=-1)
+            unfinished = unfinished & ~stopping_criteria(input_ids, scores)
+            if streamer is not None:
+                streamer.put(tokens.cpu())
+            self.host_syncs += 1
+            if bool(unfinished.max() == 0):
+                break
+
+            # One decode step for the token just emitted.
+            slot = self.cache.length
+            self.cache.append(torch.ones(B, 1, dtype=torch.bool, device=device), next_pos)
+            next_pos = next_pos + 1
+            plan = self.policy.plan(step, max_depth)
+            hidden, ran, exits = self._run(a.embed(tokens[:, None]), [slot], plan, unfinished == 0)
+            reached = ran[-1] + 1 if self.mode != "skipdecode" else len(ran)
+            logits = a.logits(hidden[:, -1])
+            step_exit = torch.full((B,), reached, dtype=torch.long, device=device)
+            if exits is not None:
+                done = exits["done"]
+                logits = torch.where(done[:, None], exits["logits"], logits)
+                step_exit = torch.where(done & (exits["layer"] > 0), exits["layer"], step_exit)
+            if self.mode != "skipdecode":
+                self._fill_holes(hidden, slot, reached)
+            elif reached < L:
+                self.cache.has_holes = True
+            if self.kv_policy == "monotone":
+                max_depth = reached
+            self.policy.observe(step_exit)
+            step += 1
+
+        if streamer is not None:
+            streamer.end()
+        stats = dict(host_syncs=self.host_syncs, steps=step + 1, num_layers=L)
+        return DecodeResult(input_ids, torch.stack(exit_layers, dim=1), scores, raw if want_logits else None, stats)

@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny random Llama-family models (2-4 layers) that decode in milliseconds on a CPU."""
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+PAD, EOS, BOS = 0, 1, 2
+_COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=512, pad_token_id=PAD, eos_token_id=EOS, bos_token_id=BOS)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=4, tie_word_embeddings=False)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_hidden_layers=3, sliding_window=None)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_hidden_layers=4, tie_word_embeddings=True)),
+}
+
+
+def make_tiny(family="llama", seed=0, attn="sdpa", **overrides):
+    cfg_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    cfg = cfg_cls(**{**_COMMON, **extra, **overrides})
+    cfg._attn_implementation = attn
+    model = model_cls(cfg).eval()
+    # Random init gives near-uniform logits; sharper weights make argmax gaps (and exits) realistic.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny("llama")
+
+
+def left_padded_batch(lengths, vocab=211, seed=1):
+    """input_ids, attention_mask [B, max(lengths)] with left padding, no special tokens inside."""
+    g = torch.Generator().manual_seed(seed)
+    P = max(lengths)
+    ids = torch.randint(3, vocab, (len(lengths), P), generator=g)
+    mask = torch.zeros(len(lengths), P, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        mask[b, P - n:] = 1
+    return ids.masked_fill(mask == 0, PAD), mask
+
+
+class ScriptedPredictor:
+    """An early_exit predictor that exits each step where a script says: exercises the engine deterministically.
+
+    ``script[i]`` is the exit layer (layers run) of decode step i, per row ([B] list) or for all rows (int).
+    """
+
+    def __init__(self, script, layers):
+        self.script, self.layers, self.step = script, list(layers), 0
+
+    def reset(self, batch_size):
+        self.step, self.batch = 0, batch_size
+
+    def decide(self, layer, hidden, adapter):
+        target = self.script[min(self.step, len(self.script) - 1)]
+        target = torch.as_tensor(target).expand(hidden.shape[0])
+        return target == layer + 1, None
+
+    def observe(self, exit_layers):
+        self.step += 1
