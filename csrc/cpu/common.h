@@ -83,6 +83,30 @@ SPECEE_AVX2 inline std::pair<float, int64_t> ArgmaxBlocks(const T* x, int64_t n,
   *end = i;
   return {best, best_block};
 }
+
+template <typename T>
+SPECEE_AVX2 inline float Dot(const float* a, const T* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps(),
+         acc3 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), Load8(b + i + 8), acc1);
+    acc2 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 16), Load8(b + i + 16), acc2);
+    acc3 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 24), Load8(b + i + 24), acc3);
+  }
+  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), Load8(b + i), acc0);
+  float s = Hsum8(_mm256_add_ps(_mm256_add_ps(acc0, acc1), _mm256_add_ps(acc2, acc3)));
+  for (; i < n; ++i) s = std::fma(a[i], static_cast<float>(b[i]), s);
+  return s;
+}
+
+template <typename T>
+SPECEE_AVX2 inline void ToF32(const T* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, Load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
 }  // namespace avx2
 #endif
 
@@ -188,6 +212,9 @@ inline int64_t argmax_row_parallel(const T* x, int64_t n) {
 // sum_i a[i] * b[i] in fp32 (a already fp32), 4 vector accumulators.
 template <typename T>
 inline float dot_f32(const float* a, const T* b, int64_t n) {
+#if SPECEE_X86
+  if (HasAvx2()) return avx2::Dot(a, b, n);
+#endif
   fVec acc0(0.f), acc1(0.f), acc2(0.f), acc3(0.f);
   int64_t i = 0;
   for (; i + 4 * kVec <= n; i += 4 * kVec) {
@@ -205,6 +232,9 @@ inline float dot_f32(const float* a, const T* b, int64_t n) {
 // Row b of a [rows, n] tensor converted to fp32 into dst.
 template <typename T>
 inline void to_f32(const T* src, float* dst, int64_t n) {
+#if SPECEE_X86
+  if (HasAvx2()) return avx2::ToF32(src, dst, n);
+#endif
   int64_t i = 0;
   for (; i + kVec <= n; i += kVec) load_f32(src + i).store(dst + i);
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);

@@ -29,19 +29,8 @@ void ExitPredict(const float* hidden,       // [B, d] fp32
     std::vector<float> normed(d), feats(3 * k);
     for (int64_t b = begin; b < end; ++b) {
       const float* x = hidden + b * d;
-      fVec acc(0.f);
-      int64_t i = 0;
-      for (; i + kVec <= d; i += kVec) {
-        const fVec v = fVec::loadu(x + i);
-        acc = at::vec::fmadd(v, v, acc);
-      }
-      float ss = hsum(acc);
-      for (; i < d; ++i) ss += x[i] * x[i];
-      const float inv_rms = 1.f / std::sqrt(ss / static_cast<float>(d) + eps);
-      const fVec r(inv_rms);
-      for (i = 0; i + kVec <= d; i += kVec)
-        (fVec::loadu(x + i) * r * fVec::loadu(norm_weight + i)).store(normed.data() + i);
-      for (; i < d; ++i) normed[i] = x[i] * inv_rms * norm_weight[i];
+      const float inv_rms = 1.f / std::sqrt(dot_f32(x, x, d) / static_cast<float>(d) + eps);
+      for (int64_t i = 0; i < d; ++i) normed[i] = x[i] * inv_rms * norm_weight[i];  // vectorized by -O3
 
       float* logits = feats.data();
       float* p = feats.data() + k;
