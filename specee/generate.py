@@ -16,6 +16,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from .engine import Engine
 from .models import DecoderAdapter
 from .policies import ExitConfig, make_policy
+from .speculative import SelfSpeculativeDecoder, SpecConfig
 
 
 @dataclass
@@ -97,7 +98,10 @@ def custom_generate(mode: str = "full", exit_config=None):
     >>> out = model.generate(input_ids, max_new_tokens=32,
     ...                      custom_generate=specee.custom_generate(mode="skipdecode"))
     """
-    config = ExitConfig.coerce(exit_config)
+    if mode == "self_speculative":
+        config = exit_config
+    else:
+        config = ExitConfig.coerce(exit_config)
 
     def specee_decode(model, input_ids, logits_processor, stopping_criteria, generation_config,
                       synced_gpus=False, streamer=None, **model_kwargs):
@@ -108,7 +112,7 @@ def custom_generate(mode: str = "full", exit_config=None):
             streamer = _callers_streamer()
         attention_mask = model_kwargs.get("attention_mask")
         validate_inputs(model, input_ids, attention_mask)
-        engine = Engine(model, mode, config)
+        engine = SelfSpeculativeDecoder(model, config) if mode == "self_speculative" else Engine(model, mode, config)
         res = engine.decode(input_ids, attention_mask, logits_processor=logits_processor,
                             stopping_criteria=stopping_criteria, generation_config=generation_config,
                             streamer=streamer)
@@ -153,8 +157,12 @@ def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_
     >>> out.exit_layers.float().mean()
     """
     validate_inputs(model, input_ids, attention_mask, generate_kwargs.get("max_new_tokens"))
-    config = ExitConfig.coerce(exit_config)
-    make_policy(mode, DecoderAdapter(model).num_layers, config)  # fail early on bad options
+    num_layers = DecoderAdapter(model).num_layers  # fails early on unsupported models
+    if mode == "self_speculative":
+        config = SpecConfig.coerce(exit_config, num_layers)
+    else:
+        config = ExitConfig.coerce(exit_config)
+        make_policy(mode, num_layers, config)  # fail early on bad options
     if "custom_generate" in generate_kwargs:
         raise ValueError("specee.generate already sets custom_generate; call model.generate(..., "
                          "custom_generate=specee.custom_generate(...)) to pass your own.")

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-MODES = ("full", "skipdecode", "confidence", "early_exit")
+MODES = ("full", "skipdecode", "confidence", "early_exit", "self_speculative")
 KV_POLICIES = ("skip", "propagate", "deferred", "monotone")
 
 

@@ -1,0 +1,297 @@
+"""Lossless self-speculative decoding: draft with the first e layers, verify with the rest, on device.
+
+A round (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710; Kangaroo, Liu et al. 2024; DEL, 2025):
+1. Draft: feed the last emitted token through layers [0, e) and the LM head at layer e; take a draft
+   token (argmax, or a sample of the processed draft distribution); repeat up to K times. A row stops
+   drafting when its draft confidence drops below ``draft_stop`` (Kangaroo's double exit).
+2. Verify: run layers [e, L) over all fed positions of all rows in one pass. The shallow layers' KV
+   written while drafting is reused (one cache, not two), then ``specee.ops.verify_greedy`` /
+   ``verify_sample`` accept a prefix per row and add one target token.
+3. Roll back: the rejected positions of each row are masked out of the cache in every layer (the
+   slots stay, their ``token_valid`` bit drops), so the valid KV is exactly a full run's over the
+   accepted tokens; positions are per row.
+The host reads back once per round (the accepted counts).
+
+Sampling is lossless: draft and target logits pass through the same transformers logits processors
+(temperature, top-k, top-p, ...), the draft distribution is what the draft really sampled from, and
+verification uses min(1, target/draft) acceptance with residual resampling (arXiv 2211.17192).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import ops
+from .cache import KVCache
+from .engine import DecodeResult, Engine
+from .policies import StepPlan
+
+
+@dataclass
+class SpecConfig:
+    """Options of ``mode="self_speculative"`` (pass as ``exit_config``).
+
+    exit_layer : int or None
+        Draft depth e (layers run to draft). None: chosen per round from online acceptance (DEL).
+    num_draft : int
+        Most drafts per round, K.
+    draft_stop : float
+        A row stops drafting when its draft's top probability falls below this (0 = never).
+    candidates : list of int or None
+        Draft depths the adaptive controller may pick (default: 1/4, 1/3, 1/2, 2/3 of the stack).
+    head_cost_layers : float or None
+        LM-head cost in layer units for the controller (default: from parameter counts).
+    """
+
+    exit_layer: int | None = None
+    num_draft: int = 4
+    draft_stop: float = 0.0
+    candidates: list | None = None
+    head_cost_layers: float | None = None
+    adaptive_k: bool = True
+    stats: dict = field(default_factory=dict)
+
+    @classmethod
+    def coerce(cls, value, num_layers):
+        if value is None:
+            cfg = cls()
+        elif isinstance(value, cls):
+            cfg = value
+        elif isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__) - {"kv_policy"}
+            if unknown:
+                raise ValueError(f"unknown self_speculative options {sorted(unknown)}; valid: "
+                                 f"{sorted(set(cls.__dataclass_fields__) - {'stats'})}")
+            cfg = cls(**{k: v for k, v in value.items() if k != "kv_policy"})
+        else:
+            raise TypeError(f"exit_config for self_speculative must be a dict or SpecConfig, got {type(value).__name__}")
+        if cfg.exit_layer is not None and not 1 <= cfg.exit_layer <= num_layers - 1:
+            raise ValueError(f"exit_layer must lie in [1, {num_layers - 1}] (draft with that many layers), "
+                             f"got {cfg.exit_layer}.")
+        if cfg.num_draft < 1:
+            raise ValueError(f"num_draft must be >= 1, got {cfg.num_draft}.")
+        if not 0.0 <= cfg.draft_stop <= 1.0:
+            raise ValueError(f"draft_stop {cfg.draft_stop} is outside [0, 1].")
+        return cfg
+
+
+class DraftController:
+    """Chooses (e, K) per round to maximise tokens per unit of cost (DEL's objective).
+
+    Per draft depth e, the per-token acceptance a_e is an exponential moving average of what
+    verification saw. A round with K drafts costs (K+1)·e + K·h (drafting) + (L-e) + h (one verify
+    pass; decoding is memory-bound, so K+1 positions cost about one) layer units and yields
+    (1 - a^(K+1)) / (1 - a) tokens in expectation. Plain decoding (L + h per token) is the fallback,
+    probed again every ``probe`` rounds so a recovering acceptance is noticed.
+    """
+
+    def __init__(self, num_layers, cfg: SpecConfig, head_cost):
+        L = num_layers
+        self.L, self.h, self.cfg = L, head_cost, cfg
+        if cfg.exit_layer is not None:
+            self.candidates = [cfg.exit_layer]
+        else:
+            cands = cfg.candidates or sorted({max(1, round(L * f)) for f in (0.25, 1 / 3, 0.5, 2 / 3)})
+            self.candidates = [e for e in cands if 1 <= e < L]
+        self.accept = {e: 0.6 for e in self.candidates}  # optimistic prior: every depth gets tried
+        self.rounds = 0
+        self.probe = 8
+
+    def expected_cost(self, e, k, a):
+        tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
+        return ((k + 1) * e + k * self.h + (self.L - e) + self.h) / tokens
+
+    def choose(self):
+        """(e, K); K = 0 means a plain full-depth step."""
+        self.rounds += 1
+        ks = range(1, self.cfg.num_draft + 1) if self.cfg.adaptive_k else [self.cfg.num_draft]
+        best = min(((self.expected_cost(e, k, self.accept[e]), e, k) for e in self.candidates for k in ks))
+        if self.cfg.exit_layer is not None and not self.cfg.adaptive_k:
+            return best[1], best[2]
+        plain = self.L + self.h
+        if best[0] < plain or self.rounds % self.probe == 0:
+            return best[1], best[2]
+        return self.L, 0
+
+    def update(self, e, accepted, drafted, weight=0.3):
+        if e not in self.accept or drafted.sum() == 0:
+            return
+        rejected = (accepted < drafted).sum().item()
+        rate = accepted.sum().item() / max(1, accepted.sum().item() + rejected)
+        self.accept[e] = (1 - weight) * self.accept[e] + weight * rate
+
+
+def _head_cost_layers(adapter):
+    s = adapter.shape
+    attn = s.hidden_size * (2 * s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+    mlp = 3 * s.hidden_size * adapter.config.intermediate_size
+    return s.vocab_size * s.hidden_size / (attn + mlp)
+
+
+class SelfSpeculativeDecoder:
+    """Decodes with early-exit drafts verified by the remaining layers; exact (greedy) or lossless (sampling)."""
+
+    def __init__(self, model, config=None):
+        self.engine = Engine(model, "full")
+        self.adapter = self.engine.adapter
+        self.cfg = SpecConfig.coerce(config, self.adapter.num_layers)
+        h = self.cfg.head_cost_layers if self.cfg.head_cost_layers is not None else _head_cost_layers(self.adapter)
+        self.controller = DraftController(self.adapter.num_layers, self.cfg, h)
+
+    def _process(self, processors, seqs, lengths, rows_extra, logits):
+        """Apply transformers' processors row by row, each with its own true prefix (+ extra tokens)."""
+        if not len(processors):
+            return logits
+        out = torch.empty_like(logits)
+        for b in range(logits.shape[0]):
+            prefix = torch.cat([seqs[b, : lengths[b]], rows_extra[b]])[None]
+            out[b] = processors(prefix, logits[b: b + 1])[0]
+        return out
+
+    @torch.no_grad()
+    def decode(self, input_ids, attention_mask=None, *, logits_processor, stopping_criteria, generation_config,
+               streamer=None) -> DecodeResult:
+        a, eng, ctl = self.adapter, self.engine, self.controller
+        device = input_ids.device
+        B, P = input_ids.shape
+        L, K_max = a.num_layers, self.cfg.num_draft
+        gc = generation_config
+        do_sample = bool(gc.do_sample)
+        pad = int(gc._pad_token_tensor) if getattr(gc, "_pad_token_tensor", None) is not None else 0
+        max_new = gc.max_length - P
+        valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
+        positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
+        eng.cache = KVCache(a.shape, B, P + max_new * (K_max + 1) + K_max + 2, a.dtype, device)
+        eng.host_syncs = 0
+        eng.cache.append(valid, positions)
+
+        hidden, _, _ = eng._run(a.embed(input_ids), list(range(P)), eng.policy._all, None)
+        logits = a.logits(hidden[:, -1])
+        seqs = torch.full((B, P + max_new), pad, dtype=torch.long, device=device)
+        seqs[:, :P] = input_ids
+        lengths = [P] * B
+        exit_rec = [[] for _ in range(B)]
+        unfinished = [True] * B
+        next_pos = positions[:, -1] + 1
+        seed = torch.randint(0, 2**62, (), dtype=torch.long)  # from torch's RNG: torch.manual_seed reproduces
+        offset = 0
+        accept_hist = [0] * (K_max + 2)
+        rounds = 0
+
+        # The first token comes from the prefill, like transformers'.
+        scores = self._process(logits_processor, seqs, lengths, [seqs.new_empty(0)] * B, logits)
+        first = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0] if do_sample else scores.argmax(-1)
+        self._emit(first[:, None], torch.ones(B, dtype=torch.long), seqs, lengths, unfinished, exit_rec,
+                   [L], stopping_criteria, max_new + P, streamer)
+        last = first
+        while any(unfinished):
+            e, K = ctl.choose()
+            active = torch.tensor(unfinished, device=device)
+            slots, shallow, drafts, dprobs = [], [], [], []
+            num_draft = torch.zeros(B, dtype=torch.long, device=device)
+            drafting = active.clone()
+            tok = last
+            for i in range(K + 1):
+                slot = self._append(next_pos + i)
+                h, _, _ = eng._run(a.embed(tok[:, None]), [slot], StepPlan(tuple(range(min(e, L))), frozenset()), None)
+                slots.append(slot)
+                shallow.append(h)
+                if i == K:
+                    break
+                dl = a.logits(h[:, -1])
+                extra = [torch.stack(drafts, 1)[b] if drafts else seqs.new_empty(0) for b in range(B)]
+                ds = self._process(logits_processor, seqs, lengths, extra, dl)
+                q = torch.softmax(ds, -1)
+                d = torch.multinomial(q, 1)[:, 0] if do_sample else ds.argmax(-1)
+                if self.cfg.draft_stop > 0:
+                    drafting &= q.max(-1).values >= self.cfg.draft_stop
+                    eng.host_syncs += 1
+                    if not bool(drafting.any()):
+                        break
+                num_draft += drafting.long()
+                drafts.append(d)
+                dprobs.append(q)
+                tok = d
+            if e < L:
+                deep, _, _ = eng._run(torch.cat(shallow, 1), slots, StepPlan(tuple(range(e, L)), frozenset()), None)
+            else:
+                deep = shallow[0]  # K = 0: a plain full-depth step
+            target = a.logits(deep)  # [B, drafts + 1, V]
+            if not drafts:
+                ts = self._process(logits_processor, seqs, lengths, [seqs.new_empty(0)] * B, target[:, 0])
+                out_tokens = torch.multinomial(torch.softmax(ts, -1), 1) if do_sample else ts.argmax(-1, keepdim=True)
+                n_emit = torch.ones(B, dtype=torch.long, device=device)
+            else:
+                draft_t = torch.stack(drafts, 1)
+                ts = torch.stack([self._process(logits_processor, seqs, lengths,
+                                                [draft_t[b, :j] for b in range(B)], target[:, j])
+                                  for j in range(draft_t.shape[1] + 1)], 1)
+                if do_sample:
+                    out_tokens, n_emit = ops.verify_sample(
+                        draft_t, num_draft, torch.stack(dprobs, 1), ts, torch.ones(B, device=device),
+                        seed.to(device), torch.tensor(offset, dtype=torch.long, device=device))
+                    offset += 1
+                else:
+                    out_tokens, n_emit = ops.verify_greedy(draft_t, num_draft, ts)
+            rounds += 1
+            n_emit_host = n_emit.tolist()  # the one read-back per round
+            eng.host_syncs += 1
+            drafted = num_draft.clone()
+            ctl.update(e, n_emit - 1, drafted)
+            for b in range(B):
+                if unfinished[b]:
+                    accept_hist[n_emit_host[b] - 1] += 1
+            per_tok = [e] * (K + 1)
+            appended = self._emit(out_tokens, n_emit, seqs, lengths, unfinished, exit_rec, per_tok,
+                                  stopping_criteria, max_new + P, streamer)
+            # roll back: slot j holds draft j; it stays iff that draft was emitted and is not the row's
+            # last token (a stop may cut a row inside its accepted drafts)
+            appended = torch.tensor(appended, device=device)
+            eng.cache.token_valid[:, slots[0]] &= active  # finished rows only fed padding
+            for j in range(1, len(slots)):
+                eng.cache.token_valid[:, slots[j]] &= appended > j
+            idx = (n_emit - 1).clamp(min=0)[:, None]
+            last = torch.where(active, out_tokens.gather(1, idx)[:, 0], torch.full_like(last, pad))
+            next_pos = next_pos + n_emit
+
+        if streamer is not None:
+            streamer.end()
+        T = max(lengths) - P
+        exit_layers = torch.zeros(B, T, dtype=torch.long, device=device)
+        for b in range(B):
+            exit_layers[b, : len(exit_rec[b])] = torch.tensor(exit_rec[b], dtype=torch.long)
+        stats = dict(host_syncs=eng.host_syncs, rounds=rounds, num_layers=L, accepted_histogram=accept_hist,
+                     mean_accepted=sum(i * c for i, c in enumerate(accept_hist)) / max(1, sum(accept_hist)),
+                     acceptance=dict(ctl.accept))
+        return DecodeResult(seqs[:, : P + T], exit_layers, None, None, stats)
+
+    def _append(self, pos):
+        cache = self.engine.cache
+        slot = cache.length
+        cache.append(torch.ones(pos.shape[0], 1, dtype=torch.bool, device=pos.device), pos[:, None])
+        return slot
+
+    def _emit(self, tokens, n_emit, seqs, lengths, unfinished, exit_rec, layers, stopping_criteria, max_len, streamer):
+        """Append each row's emitted tokens one by one, applying the stopping criteria per token."""
+        n_host = n_emit.tolist()
+        toks = tokens.tolist()
+        streamed, appended = [], [0] * len(lengths)
+        for b in range(len(lengths)):
+            if not unfinished[b]:
+                continue
+            for j in range(n_host[b]):
+                appended[b] += 1
+                seqs[b, lengths[b]] = toks[b][j]
+                lengths[b] += 1
+                exit_rec[b].append(layers[j] if j < n_host[b] - 1 else self.adapter.num_layers)
+                if b == 0:
+                    streamed.append(toks[b][j])
+                row = seqs[b: b + 1, : lengths[b]]
+                if lengths[b] >= max_len or bool(stopping_criteria(row, None)[0]):
+                    unfinished[b] = False
+                    break
+        if streamer is not None and streamed and len(lengths) == 1:
+            streamer.put(torch.tensor(streamed))
+        return appended
