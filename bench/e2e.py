@@ -76,6 +76,21 @@ def head_cost_ms(model, reps=30):
     return head
 
 
+def pick_prompts(path, n):
+    """n prompts spread round-robin over the file's categories (Spec-Bench has 13)."""
+    by_cat = {}
+    for p in load_prompts(path):
+        by_cat.setdefault(p.category, []).append(p)
+    picked, i = [], 0
+    total = sum(len(v) for v in by_cat.values())
+    while len(picked) < min(n, total):
+        for ps in by_cat.values():
+            if i < len(ps) and len(picked) < n:
+                picked.append(ps[i])
+        i += 1
+    return picked
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", default=str(default_prompt_file()))
@@ -90,17 +105,7 @@ def main(argv=None):
     model, tok = specee.load_default_model()
     L = model.config.num_hidden_layers
     specs = modes(L)
-    prompts = load_prompts(args.prompts)
-    # spread the prompts over Spec-Bench's categories
-    by_cat = {}
-    for p in prompts:
-        by_cat.setdefault(p.category, []).append(p)
-    picked, i = [], 0
-    while len(picked) < min(args.num_prompts, len(prompts)):
-        for ps in by_cat.values():
-            if i < len(ps) and len(picked) < args.num_prompts:
-                picked.append(ps[i])
-        i += 1
+    picked = pick_prompts(args.prompts, args.num_prompts)
 
     ids, mask = encode(tok, [picked[0].text])
     for spec in specs.values():  # warm-up

@@ -83,8 +83,9 @@ class DraftController:
     Per draft depth e, the per-token acceptance a_e is an exponential moving average of what
     verification saw. A round with K drafts costs (K+1)·e + K·h (drafting) + (L-e) + h (one verify
     pass; decoding is memory-bound, so K+1 positions cost about one) layer units and yields
-    (1 - a^(K+1)) / (1 - a) tokens in expectation. Plain decoding (L + h per token) is the fallback,
-    probed again every ``probe`` rounds so a recovering acceptance is noticed.
+    (1 - a^(K+1)) / (1 - a) tokens in expectation. Plain decoding (L + h per token) is the fallback.
+    While it wins, the best draft depth is probed again after ``probe`` rounds, an interval that
+    doubles after every probe that does not pay, so a hopeless model costs a few probes in all.
     """
 
     def __init__(self, num_layers, cfg: SpecConfig, head_cost):
@@ -95,9 +96,9 @@ class DraftController:
         else:
             cands = cfg.candidates or sorted({max(1, round(L * f)) for f in (0.25, 1 / 3, 0.5, 2 / 3)})
             self.candidates = [e for e in cands if 1 <= e < L]
-        self.accept = {e: 0.6 for e in self.candidates}  # optimistic prior: every depth gets tried
+        self.accept = {e: 0.5 for e in self.candidates}
         self.rounds = 0
-        self.probe = 8
+        self.probe, self.next_probe = 8, 8
 
     def expected_cost(self, e, k, a):
         tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
@@ -110,8 +111,12 @@ class DraftController:
         best = min(((self.expected_cost(e, k, self.accept[e]), e, k) for e in self.candidates for k in ks))
         if self.cfg.exit_layer is not None and not self.cfg.adaptive_k:
             return best[1], best[2]
-        plain = self.L + self.h
-        if best[0] < plain or self.rounds % self.probe == 0:
+        if best[0] < self.L + self.h:
+            self.probe = 8
+            return best[1], best[2]
+        if self.rounds >= self.next_probe:
+            self.probe *= 2
+            self.next_probe = self.rounds + self.probe
             return best[1], best[2]
         return self.L, 0
 
