@@ -43,6 +43,11 @@ class SpecConfig:
         Draft depths the adaptive controller may pick (default: 1/4, 1/3, 1/2, 2/3 of the stack).
     head_cost_layers : float or None
         LM-head cost in layer units for the controller (default: from parameter counts).
+    draft_vocab : int, sequence of int or None
+        FR-Spec's reduced draft head (Zhao et al. 2025, arXiv 2502.14856): drafts are scored over
+        these token ids only (an int n means ids 0..n-1, which BPE tokenizers order roughly by merge
+        frequency; pass ids sorted by corpus frequency for a better set). Tokens outside are never
+        proposed; output stays exact, since the draft distribution is what was really sampled.
     """
 
     exit_layer: int | None = None
@@ -51,6 +56,7 @@ class SpecConfig:
     candidates: list | None = None
     head_cost_layers: float | None = None
     adaptive_k: bool = True
+    draft_vocab: object = None
     stats: dict = field(default_factory=dict)
 
     @classmethod
@@ -88,9 +94,10 @@ class DraftController:
     doubles after every probe that does not pay, so a hopeless model costs a few probes in all.
     """
 
-    def __init__(self, num_layers, cfg: SpecConfig, head_cost):
+    def __init__(self, num_layers, cfg: SpecConfig, head_cost, draft_head_cost=None):
         L = num_layers
         self.L, self.h, self.cfg = L, head_cost, cfg
+        self.hd = head_cost if draft_head_cost is None else draft_head_cost
         if cfg.exit_layer is not None:
             self.candidates = [cfg.exit_layer]
         else:
@@ -102,7 +109,7 @@ class DraftController:
 
     def expected_cost(self, e, k, a):
         tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-        return ((k + 1) * e + k * self.h + (self.L - e) + self.h) / tokens
+        return ((k + 1) * e + k * self.hd + (self.L - e) + self.h) / tokens
 
     def choose(self):
         """(e, K); K = 0 means a plain full-depth step."""
@@ -143,7 +150,27 @@ class SelfSpeculativeDecoder:
         self.adapter = self.engine.adapter
         self.cfg = SpecConfig.coerce(config, self.adapter.num_layers)
         h = self.cfg.head_cost_layers if self.cfg.head_cost_layers is not None else _head_cost_layers(self.adapter)
-        self.controller = DraftController(self.adapter.num_layers, self.cfg, h)
+        self.draft_ids = self.draft_head = None
+        V = self.adapter.shape.vocab_size
+        if self.cfg.draft_vocab is not None:
+            ids = self.cfg.draft_vocab
+            ids = torch.arange(min(int(ids), V)) if isinstance(ids, int) else torch.as_tensor(ids, dtype=torch.long)
+            if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= V:
+                raise ValueError(f"draft_vocab must hold token ids in [0, {V}), got {ids.numel()} ids "
+                                 f"in [{int(ids.min()) if ids.numel() else '-'}, {int(ids.max()) if ids.numel() else '-'}].")
+            weight = self.adapter.lm_head.weight
+            self.draft_ids = ids.to(weight.device)
+            self.draft_head = weight[self.draft_ids].contiguous()
+        hd = h * (len(self.draft_ids) / V if self.draft_ids is not None else 1.0)
+        self.controller = DraftController(self.adapter.num_layers, self.cfg, h, hd)
+
+    def _draft_logits(self, hidden):
+        """Draft logits [B, V] at the exit layer: the full head, or FR-Spec's subset with -inf elsewhere."""
+        if self.draft_ids is None:
+            return self.adapter.logits(hidden)
+        sub = (self.adapter.final_norm(hidden) @ self.draft_head.T).float()
+        full = sub.new_full((hidden.shape[0], self.adapter.shape.vocab_size), float("-inf"))
+        return full.index_copy_(1, self.draft_ids, sub)
 
     def _process(self, processors, seqs, lengths, rows_extra, logits):
         """Apply transformers' processors row by row, each with its own true prefix (+ extra tokens)."""
@@ -205,7 +232,7 @@ class SelfSpeculativeDecoder:
                 shallow.append(h)
                 if i == K:
                     break
-                dl = a.logits(h[:, -1])
+                dl = self._draft_logits(h[:, -1])
                 extra = [torch.stack(drafts, 1)[b] if drafts else seqs.new_empty(0) for b in range(B)]
                 ds = self._process(logits_processor, seqs, lengths, extra, dl)
                 q = torch.softmax(ds, -1)

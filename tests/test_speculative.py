@@ -125,11 +125,12 @@ def small_vocab_model():
     return model
 
 
-def test_sampling_matches_the_full_models_distribution(small_vocab_model):
+@pytest.mark.parametrize("extra", [{}, dict(draft_vocab=[0, 2, 3, 6])])  # a draft support smaller than the target's
+def test_sampling_matches_the_full_models_distribution(small_vocab_model, extra):
     model = small_vocab_model
     prompt = torch.tensor([3, 5, 2, 7])
     joint = _exact_joint(model, prompt, 3)
-    samples, stats = _sample_many(model, prompt, 20000, 3, dict(exit_layer=1, num_draft=2, adaptive_k=False))
+    samples, stats = _sample_many(model, prompt, 20000, 3, dict(exit_layer=1, num_draft=2, adaptive_k=False, **extra))
     assert stats["accepted_histogram"][1] > 0 and stats["accepted_histogram"][0] > 0
     assert _chi2_pvalue(samples, joint, 3) > 1e-4
 
@@ -195,3 +196,23 @@ def test_bad_speculative_options(tiny_llama, cfg, match):
     with pytest.raises(ValueError, match=match):
         specee.generate(tiny_llama, torch.tensor([[5, 6]]), mode="self_speculative", exit_config=cfg,
                         max_new_tokens=2)
+
+
+@pytest.mark.parametrize("draft_vocab", [50, [5, 9, 17, 100, 3, 200]])
+def test_reduced_draft_vocabulary_stays_exact(draft_vocab):
+    model = damped()
+    ids, mask = left_padded_batch([6, 9])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    out = specee.generate(model, ids, mask, mode="self_speculative", max_new_tokens=16, do_sample=False,
+                          exit_config=dict(exit_layer=1, num_draft=3, draft_vocab=draft_vocab))
+    assert torch.equal(out, ref)
+
+
+def test_reduced_draft_vocabulary_never_proposes_outside_it():
+    model = damped()
+    dec = SelfSpeculativeDecoder(model, dict(exit_layer=1, draft_vocab=[5, 9, 17]))
+    logits = dec._draft_logits(torch.randn(4, model.config.hidden_size))
+    assert set(logits.argmax(-1).tolist()) <= {5, 9, 17}
+    assert torch.isinf(logits).sum() == 4 * (model.config.vocab_size - 3)
+    with pytest.raises(ValueError, match="draft_vocab"):
+        SelfSpeculativeDecoder(model, dict(draft_vocab=[1, 10_000]))
