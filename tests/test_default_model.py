@@ -34,6 +34,18 @@ def test_full_equals_model_generate_on_the_default_model(default_model):
 
 
 @needs_default
+@pytest.mark.parametrize("cfg", [dict(exit_layer=15, num_draft=4, adaptive_k=False),
+                                 dict(exit_layer=29, num_draft=2, draft_vocab=8192), None])
+def test_self_speculative_equals_model_generate_on_the_default_model(default_model, cfg):
+    model, tok = default_model
+    ids, mask = encode(tok, [p.text for p in load_prompts(limit=2)])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=32, do_sample=False)
+    out = specee.generate(model, ids, mask, mode="self_speculative", exit_config=cfg, max_new_tokens=32,
+                          do_sample=False)
+    assert torch.equal(out, ref)
+
+
+@needs_default
 def test_default_model_left_padded_batch(default_model):
     model, tok = default_model
     ids, mask = encode(tok, [p.text for p in load_prompts(limit=3)])
