@@ -1,0 +1,80 @@
+"""Regenerate the results tables of bench/README.md from bench/results/*.json.
+
+    python bench/report.py
+
+Replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` in bench/README.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+
+
+def _fmt(v, spec):
+    return "—" if v is None else format(v, spec)
+
+
+def _meta_line(meta):
+    return (f"*{meta.get('device')}, torch {meta.get('torch')}, transformers {meta.get('transformers')}, "
+            f"{meta.get('cpu_threads')} threads, commit `{meta.get('commit')}`, {meta.get('date')}*")
+
+
+def e2e_table(doc):
+    o = doc["oracle"]
+    lines = [f"**End to end** (`bench/e2e.py`, {doc['num_prompts']} Spec-Bench prompts, {doc['max_new_tokens']} "
+             f"new tokens, greedy, batch 1). " + _meta_line(doc["meta"]), "",
+             "| mode | tok/s | vs HF | vs full | token agreement | exact | mean exit layer |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in doc["results"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {r['speedup_vs_full']:.2f}x | "
+                     f"{r['token_agreement']:.1%} | {r['exact_match']:.0%} | {r['mean_exit_layer']:.1f} |")
+    lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {o['num_layers']}; with a layer at "
+              f"{o['layer_ms']:.2f} ms and the head at {o['head_ms']:.2f} ms, layer skipping can buy at most "
+              f"{o['speedup_bound_vs_full']:.2f}x over full."]
+    return lines
+
+
+def speculative_table(doc):
+    lines = [f"**Self-speculative** (`bench/bench_speculative.py`, {doc['num_prompts']} prompts, "
+             f"{doc['max_new_tokens']} new tokens, greedy). " + _meta_line(doc["meta"])]
+    for batch, rows in doc["results"].items():
+        lines += ["", f"{batch.replace('_', ' ')}:", "",
+                  "| method | tok/s | vs HF | vs full | exact vs HF | accepted drafts / round |", "|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {r['speedup_vs_full']:.2f}x "
+                         f"| {r['exact_vs_hf']:.0%} | {_fmt(r['mean_accepted_per_round'], '.2f')} |")
+    return lines
+
+
+RENDER = {"e2e": e2e_table, "self_speculative": speculative_table}
+
+
+def render():
+    out = []
+    for path in sorted((HERE / "results").glob("*.json")):
+        doc = json.loads(path.read_text())
+        fn = RENDER.get(doc.get("benchmark"))
+        if fn is None:
+            out += [f"- `{path.relative_to(HERE)}`: {doc.get('benchmark', 'results')} (see the file)", ""]
+            continue
+        out += [f"### {path.name}", ""] + fn(doc) + [""]
+        png = path.with_suffix(".png")
+        if png.exists():
+            out += [f"![{path.stem}](results/{png.name})", ""]
+    return "\n".join(out)
+
+
+def main():
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + BEGIN + "\n" + render() + "\n" + END + tail)
+    print(f"updated {readme}")
+
+
+if __name__ == "__main__":
+    main()
