@@ -14,6 +14,8 @@ def _add_decode_args(p, default_mode):
     p.add_argument("--kv-policy", default="deferred", choices=KV_POLICIES, help="how later tokens see exit holes")
     p.add_argument("--threshold", type=float, default=None, help="exit threshold in [0, 1] (confidence mode)")
     p.add_argument("--min-layers", type=int, default=None, help="skipdecode's final depth")
+    p.add_argument("--predictors", default=None, help="early_exit: predictor directory from `specee train` "
+                   "(default: the bank shipped for the default model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--sample", action="store_true", help="sample (default: greedy)")
     p.add_argument("--temperature", type=float, default=0.7)
@@ -36,6 +38,32 @@ def build_parser():
     _add_decode_args(gen, "full")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+
+    tr = sub.add_parser("train", help="train exit predictors for a model: generate, collect features, select "
+                        "layers, train, calibrate, save (safetensors + JSON)")
+    tr.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
+    tr.add_argument("--prompts", nargs="+", required=True, metavar="FILE[start:stop:step]",
+                    help="JSONL prompt files, each optionally sliced, e.g. data.jsonl[0::2]")
+    tr.add_argument("--num-prompts", type=int, default=None, help="use only the first N prompts in all")
+    tr.add_argument("--out", required=True, help="directory for predictors.json and predictors.safetensors")
+    tr.add_argument("--work", default=None, help="collection cache, resumable (default: OUT/collect)")
+    tr.add_argument("--max-new-tokens", type=int, default=64)
+    tr.add_argument("--batch-size", type=int, default=8)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--draft", default="hybrid", choices=("ngram", "probe", "hybrid"),
+                    help="where the k candidates come from (default: hybrid = n-gram lookup + shallow probe)")
+    tr.add_argument("--k", type=int, default=4, help="candidates per token")
+    tr.add_argument("--probe-layer", type=int, default=None, help="probe layer (default: a third of the stack)")
+    tr.add_argument("--vocab", type=int, default=8192, help="rows of the probe's reduced LM head")
+    tr.add_argument("--hidden", type=int, default=128, help="predictor MLP width (SpecEE: 512)")
+    tr.add_argument("--num-always", type=int, default=None, help="always-on layers (default: chosen by simulation)")
+    tr.add_argument("--confirm", default="logits", choices=("logits", "argmax", "none"),
+                    help="confirmation at an exit (none: the unconfirmed variant)")
+    tr.add_argument("--target-precision", type=float, default=0.98, help="calibrated exit precision (default 0.98)")
+    tr.add_argument("--target-speedup", type=float, default=None,
+                    help="ask for a simulated speedup instead; the certified precision is reported")
+    tr.add_argument("--delta", type=float, default=0.1, help="calibration failure probability (Learn-then-Test)")
+    tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -48,6 +76,10 @@ def main(argv=None):
             demo.run_demo(args)
         elif args.command == "generate":
             demo.run_generate(args)
+        elif args.command == "train":
+            from .train import main_train
+
+            main_train(args)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"specee {args.command}: error: {e}", file=sys.stderr)
         return 2

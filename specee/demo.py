@@ -21,13 +21,17 @@ def load_model(name=None):
     return model, tokenizer
 
 
-def exit_config_from_args(args, num_layers):
+def exit_config_from_args(args, num_layers, model=None):
     cfg = {"kv_policy": args.kv_policy}
     if args.mode == "confidence":
         cfg["thresholds"] = 0.95 if args.threshold is None else args.threshold
         cfg["layers"] = list(range(num_layers // 2, num_layers - 1))
     if args.mode == "skipdecode" and args.min_layers is not None:
         cfg["min_layers"] = args.min_layers
+    if args.mode == "early_exit" and model is not None:
+        from .predictors import load_predictors
+
+        cfg["predictor"] = load_predictors(getattr(args, "predictors", None), model)
     return cfg
 
 
@@ -50,7 +54,7 @@ def run_demo(args):
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     L = model.config.num_hidden_layers
-    cfg = exit_config_from_args(args, L)
+    cfg = exit_config_from_args(args, L, model)
     prompts = load_prompts(args.prompts, args.num_prompts)
     ids, mask = encode(tok, [prompts[0].text])
     generate(model, ids, mask, max_new_tokens=4)  # warm-up, not timed
@@ -91,7 +95,7 @@ def run_generate(args):
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     ids, mask = encode(tok, [args.prompt], chat=not args.no_chat)
-    cfg = exit_config_from_args(args, model.config.num_hidden_layers)
+    cfg = exit_config_from_args(args, model.config.num_hidden_layers, model)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     out, dt = _timed_stream(model, ids, mask, args, cfg, streamer)
     n = len(new_tokens(out.sequences, ids.shape[1], tok.eos_token_id)[0])

@@ -1,0 +1,708 @@
+"""Training the predictor bank: collection, training, calibration, layer selection (`specee train`).
+
+1. **Generate** greedy continuations at full depth (chunks of prompts, one file each: resumable).
+2. **Collect** teacher-forced, per generated token: each layer's normed argmax (the label: it equals
+   the final argmax), the draft source's k candidates and their logits at every layer (k rows of the
+   head), streamed to disk per chunk. Tables the drafts need (frequent tokens, successors) come from
+   the training split's generations between the two passes.
+3. **Select layers** offline from the oracle-exit distribution (the first layer whose argmax equals
+   the final one): predictors where oracle exits lie, always-on layers where most of them lie.
+4. **Train** one MLP per layer (class-balanced BCE, Adam, early stopping on a validation split) on
+   the (layer, previously evaluated layer) pairs that decoding evaluates together: the gap feature is
+   the change since the row's previous evaluated layer, under the contextual schedule.
+5. **Calibrate** with Learn-then-Test (Angelopoulos et al. 2021, arXiv 2110.01052; CALM, Schuster et
+   al. 2022): a one-parameter family of per-layer thresholds, tested from conservative to aggressive
+   on held-out sequences by simulating the decode loop, each with a binomial p-value for "exit
+   precision < target"; the most aggressive member that passes holds precision >= target with
+   probability >= 1 - delta (tokens treated as exchangeable). A requested speed picks instead the most
+   conservative member that reaches it, and reports its certified precision.
+
+Prompts are split by sequence into train (70%), validation (10%) and calibration (20%), seeded.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .drafts import (DRAFT_TYPES, DraftSource, HybridSource, NGramSource, ProbeSource, frequent_tokens,
+                     recall_at_k, successor_table)
+from .models import DecoderAdapter
+from .predictors import PredictorBank, _head_sample, features_from_logits, model_fingerprint, schedule_rows
+
+PRECISION_GRID = (0.9995, 0.999, 0.998, 0.995, 0.99, 0.985, 0.98, 0.97, 0.96, 0.95, 0.93, 0.9, 0.85, 0.8, 0.7)
+
+
+@dataclass
+class TrainConfig:
+    max_new_tokens: int = 64
+    batch_size: int = 8
+    chunk_prompts: int = 16
+    seed: int = 0
+    k: int = 4
+    draft: str = "hybrid"
+    probe_layer: int | None = None      # default: L // 3
+    vocab: int = 8192                   # reduced head rows of the probe
+    hidden: int = 128                   # MLP width (SpecEE: 512)
+    first_layer: int | None = None      # lowest predictor layer (default: oracle's 2nd percentile, >= probe)
+    num_always: int | None = None       # always-on layers (default: chosen by simulation among 2..8)
+    window: int = 5
+    offsets: tuple = (-2, 0, 2)
+    confirm: str = "logits"
+    target_precision: float = 0.98
+    target_speedup: float | None = None
+    delta: float = 0.1
+    epochs: int = 40
+    head_cost: float | None = None      # LM head / one layer (default: measured)
+    predictor_cost: float | None = None  # one evaluated layer's predictor / one layer (default: measured)
+    draft_cost: float | None = None     # the draft source per token / one layer (default: measured)
+    splits: tuple = (0.7, 0.1, 0.2)
+    extra: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+def parse_prompt_spec(spec: str):
+    """``path`` or ``path[start:stop:step]`` -> (path, slice)."""
+    m = re.fullmatch(r"(.*?)\[(-?\d*):?(-?\d*)(?::(-?\d*))?\]", spec)
+    if not m:
+        return spec, slice(None)
+    num = lambda s: int(s) if s else None  # noqa: E731
+    return m.group(1), slice(num(m.group(2)), num(m.group(3)), num(m.group(4)))
+
+
+def load_prompt_specs(specs) -> list[str]:
+    from .prompts import load_prompts
+
+    out = []
+    for spec in specs:
+        path, sl = parse_prompt_spec(spec)
+        out += [p.text for p in load_prompts(path)[sl]]
+    if not out:
+        raise ValueError(f"no prompts in {list(specs)}; give JSONL files with 'prompt', 'turns' or 'question'.")
+    return out
+
+
+def _progress(iterable, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kw)
+
+
+# --------------------------------------------------------------------------------------------- 1. generate
+def _encode_ids(rows: list[list[int]], pad: int):
+    """Left-pad token-id prompts: -> input_ids, attention_mask [B, P]."""
+    P = max(len(r) for r in rows)
+    ids = torch.full((len(rows), P), pad, dtype=torch.long)
+    mask = torch.zeros(len(rows), P, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, P - len(r):] = torch.tensor(r)
+        mask[b, P - len(r):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def generate_chunks(model, tokenizer, prompts, work: Path, cfg: TrainConfig) -> list[dict]:
+    """Greedy continuations, one file per chunk of prompts (skipped when present: resumable).
+
+    ``prompts``: texts (encoded with the tokenizer's chat template) or, with ``tokenizer=None``, token-id lists.
+    """
+    from .prompts import encode
+
+    work.mkdir(parents=True, exist_ok=True)
+    n_chunks = math.ceil(len(prompts) / cfg.chunk_prompts)
+    seqs = []
+    gc = model.generation_config
+    eos = tokenizer.eos_token_id if tokenizer is not None else gc.eos_token_id
+    eos = set([eos] if isinstance(eos, int) else (eos or []))
+    pad = tokenizer.pad_token_id if tokenizer is not None else (gc.pad_token_id or 0)
+    for c in _progress(range(n_chunks), desc="specee train: generate", unit="chunk"):
+        path = work / f"gen-{c:05d}.pt"
+        if not path.exists():
+            rows = []
+            chunk = prompts[c * cfg.chunk_prompts:(c + 1) * cfg.chunk_prompts]
+            for i in range(0, len(chunk), cfg.batch_size):
+                batch = chunk[i:i + cfg.batch_size]
+                ids, mask = encode(tokenizer, batch) if tokenizer is not None else _encode_ids(batch, pad)
+                out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
+                                     max_new_tokens=cfg.max_new_tokens, pad_token_id=pad)
+                P = ids.shape[1]
+                for b in range(ids.shape[0]):
+                    gen = out[b, P:].tolist()
+                    cut = next((j + 1 for j, t in enumerate(gen) if t in eos), len(gen))
+                    rows.append(dict(prompt=ids[b][mask[b].bool()].tolist(), gen=gen[:cut]))
+            torch.save(rows, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        seqs += torch.load(path)
+    return seqs
+
+
+def split_sequences(n: int, splits, seed: int) -> dict[str, list[int]]:
+    """Seeded split of sequence indices into train / val / calib."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    a = int(round(splits[0] * n))
+    b = a + max(1, int(round(splits[1] * n))) if n >= 3 else a
+    return {"train": sorted(perm[:a]), "val": sorted(perm[a:b]), "calib": sorted(perm[b:])}
+
+
+# ------------------------------------------------------------------------------------------- drafts
+def build_draft(kind: str, seqs: list[dict], vocab_size: int, num_layers: int, cfg: TrainConfig) -> DraftSource:
+    """A draft source whose tables (frequent tokens, successors) come from the training generations."""
+    if kind not in DRAFT_TYPES or kind == "eagle":
+        raise ValueError(f"draft {kind!r} cannot back the predictor bank; choose ngram, probe or hybrid "
+                         "(the EAGLE head is trained and measured by bench/bench_predictors.py).")
+    toks = torch.tensor([t for s in seqs for t in s["gen"]] or [0], dtype=torch.long)
+    freq = frequent_tokens(toks, vocab_size, cfg.vocab)
+    probe_layer = cfg.probe_layer if cfg.probe_layer is not None else num_layers // 3
+    ngram = NGramSource(cfg.k, 3, freq[:64], freq[:4096], successor_table([s["prompt"] + s["gen"] for s in seqs],
+                                                                           freq[:4096], cfg.k))
+    if kind == "ngram":
+        return ngram
+    probe = ProbeSource(probe_layer, cfg.k, freq)
+    return probe if kind == "probe" else HybridSource(ngram, probe)
+
+
+def propose_sequence(source: DraftSource, prompt, gen, probe_hidden, adapter) -> torch.Tensor:
+    """Candidates for generated tokens 0..T-1 as decoding would propose them. probe_hidden [T, d] or None."""
+    T = len(gen)
+    source.reset(1)
+    source.feed(torch.tensor([prompt]))
+    ngram = source.ngram if isinstance(source, HybridSource) else source if isinstance(source, NGramSource) else None
+    lookups = []
+    for t in range(T):
+        if ngram is not None:
+            lookups.append(ngram.lookup(0) if isinstance(source, HybridSource) else ngram.candidates(0))
+        source.feed(torch.tensor([[gen[t]]]))
+    if isinstance(source, NGramSource):
+        return torch.tensor(lookups, dtype=torch.long)
+    probe = source.probe if isinstance(source, HybridSource) else source
+    top = probe.topk(adapter.final_norm(probe_hidden), adapter).cpu()
+    if isinstance(source, HybridSource):
+        from .drafts import merge_candidates
+
+        return merge_candidates(lookups, top, source.k)
+    return top
+
+
+# ---------------------------------------------------------------------------------------------- 2. collect
+@torch.no_grad()
+def collect_chunks(model, seqs, work: Path, draft: DraftSource, cfg: TrainConfig, tag: str) -> dict:
+    """Per generated token (t >= 1: t = 0 comes from the prefill, which never exits): final token,
+    per-layer argmax, candidates and their per-layer logits. One file per chunk; resumable."""
+    a = DecoderAdapter(model)
+    L = a.num_layers
+    W = a.lm_head.weight
+    n_chunks = math.ceil(len(seqs) / cfg.chunk_prompts)
+    parts = []
+    for c in _progress(range(n_chunks), desc=f"specee train: collect ({tag})", unit="chunk"):
+        path = work / f"feat-{tag}-{c:05d}.pt"
+        if not path.exists():
+            rows = dict(final=[], argmax=[], cands=[], cand_logits=[], seq=[], pos=[])
+            for s_idx in range(c * cfg.chunk_prompts, min(len(seqs), (c + 1) * cfg.chunk_prompts)):
+                s = seqs[s_idx]
+                T = len(s["gen"])
+                if T < 2:
+                    continue
+                ids = torch.tensor([s["prompt"] + s["gen"]], device=a.device)
+                caps = []
+                hooks = [layer.register_forward_hook(lambda m_, i_, o: caps.append(o[0] if isinstance(o, tuple) else o))
+                         for layer in a.layers]
+                try:
+                    model.model(ids)
+                finally:
+                    for h in hooks:
+                        h.remove()
+                P = len(s["prompt"])
+                hs = torch.stack([h[0, P - 1:P - 1 + T] for h in caps], 1)  # [T, L, d] predicting gen[0..T-1]
+                normed = a.final_norm(hs)
+                argmax = torch.stack([(normed[:, l] @ W.T).argmax(-1) for l in range(L)], 1)  # [T, L]
+                probe_h = hs[:, draft.layer] if draft.layer is not None else None
+                cands = propose_sequence(draft, s["prompt"], s["gen"], probe_h, a).to(a.device)  # [T, k]
+                cl = torch.einsum("tld,tkd->tlk", normed.float(), W[cands].float())  # [T, L, k]
+                sl = slice(1, T)
+                rows["final"].append(argmax[sl, -1].cpu())
+                rows["argmax"].append(argmax[sl].int().cpu())
+                rows["cands"].append(cands[sl].cpu())
+                rows["cand_logits"].append(cl[sl].cpu())
+                rows["seq"].append(torch.full((T - 1,), s_idx, dtype=torch.int32))
+                rows["pos"].append(torch.arange(1, T, dtype=torch.int32))
+            out = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
+            torch.save(out, path.with_suffix(".tmp"))
+            path.with_suffix(".tmp").replace(path)
+        parts.append(torch.load(path))
+    parts = [p for p in parts if p["final"].numel()]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def oracle_exits(data) -> torch.Tensor:
+    """0-based oracle exit layer per token: the first layer whose argmax equals the final one."""
+    return (data["argmax"] == data["final"][:, None].int()).int().argmax(1)
+
+
+def subset(data, seq_ids) -> dict:
+    keep = torch.isin(data["seq"], torch.tensor(seq_ids, dtype=data["seq"].dtype))
+    return {k: v[keep] for k, v in data.items()}
+
+
+# ----------------------------------------------------------------------------------------- 3. layer selection
+def select_layers(oracle: torch.Tensor, num_layers: int, first_layer: int | None = None, num_always: int = 4,
+                  min_layer: int = 0):
+    """Predictor layers and always-on layers from the oracle-exit distribution.
+
+    Predictors sit from ``first_layer`` (default: where the oracle distribution reaches its 2nd
+    percentile, at least ``min_layer``) to the second-to-last layer; the always-on layers are the
+    ``num_always`` layers with the most oracle exits among them (SpecEE's offline choice).
+    """
+    hist = torch.bincount(oracle.long(), minlength=num_layers).float()
+    if first_layer is None:
+        cdf = hist.cumsum(0) / hist.sum().clamp_min(1)
+        first_layer = int((cdf < 0.02).sum())
+    first_layer = max(min_layer, min(first_layer, num_layers - 2))
+    layers = list(range(first_layer, num_layers - 1))
+    order = sorted(layers, key=lambda l: (-float(hist[l]), l))
+    return layers, sorted(order[:max(1, num_always)]), hist
+
+
+# ---------------------------------------------------------------------------------------------- 4. training
+def schedule_pairs(data, layers, always, window, offsets, exits=None):
+    """(token index, layer, previous evaluated layer or -1) for every evaluation the schedule makes.
+
+    ``exits`` [N] (0-based) drives the contextual part; default: the oracle exits.
+    """
+    exits = oracle_exits(data) if exits is None else exits
+    L = data["argmax"].shape[1]
+    ex = torch.where(exits < torch.tensor(layers[-1] + 1), exits, torch.full_like(exits, L - 1)).tolist()
+    seq, pos = data["seq"].tolist(), data["pos"].tolist()
+    out, hist, prev_seq = [], [], None
+    for i in range(len(seq)):
+        if seq[i] != prev_seq:
+            hist, prev_seq = [], seq[i]
+        s = sorted(schedule_rows([hist[-window:] if window else []], always, layers, offsets)[0])
+        for j, l in enumerate(s):
+            out.append((i, l, s[j - 1] if j else -1))
+        hist.append(ex[i])
+    return torch.tensor(out, dtype=torch.long).reshape(-1, 3)
+
+
+def pair_features(data, pairs, k):
+    """Features and labels of (token, layer, prev) pairs. -> feats [M, 3k], label [M] bool, confirmable [M]."""
+    t, l, p = pairs.unbind(1)
+    logits = data["cand_logits"][t, l].float()
+    prev = torch.full((len(t), k), 1.0 / k)
+    has = p >= 0
+    if has.any():
+        prev[has] = torch.softmax(data["cand_logits"][t[has], p[has]].float(), -1)
+    feats, _ = features_from_logits(logits, prev)
+    am = data["argmax"][t, l].long()
+    confirmable = (data["cands"][t] == am[:, None]).any(-1)
+    correct = am == data["final"][t]
+    return feats, correct & confirmable, confirmable, correct
+
+
+def train_mlp(x, y, xv, yv, hidden: int, epochs: int, seed: int, lr: float = 3e-3, batch: int = 512):
+    """One predictor: class-balanced BCE, Adam, early stopping on validation loss (patience 4).
+
+    Features are standardized for training and the scaling is folded into w1, b1, so the saved MLP
+    takes the raw features (as ops.exit_predict does). Returns (w1 [H, 3k], b1 [H], w2 [H], b2 [1]), info.
+    """
+    g = torch.Generator().manual_seed(seed)
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-4)
+    fc1 = torch.nn.Linear(x.shape[1], hidden)
+    fc2 = torch.nn.Linear(hidden, 1)
+    with torch.no_grad():
+        for p in (*fc1.parameters(), *fc2.parameters()):
+            p.copy_(torch.empty_like(p).uniform_(-1, 1, generator=g) / math.sqrt(p.shape[-1]))
+    net = torch.nn.Sequential(fc1, torch.nn.ReLU(), fc2)
+    pos = y.float().mean().clamp(1e-3, 1 - 1e-3)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=(1 - pos) / pos)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    xs, xvs = (x - mu) / sd, (xv - mu) / sd
+    best, best_state, bad = float("inf"), None, 0
+    for epoch in range(epochs):
+        perm = torch.randperm(len(xs), generator=g)
+        for i in range(0, len(xs), batch):
+            idx = perm[i:i + batch]
+            opt.zero_grad()
+            loss_fn(net(xs[idx]).squeeze(-1), y[idx].float()).backward()
+            opt.step()
+        with torch.no_grad():
+            v = loss_fn(net(xvs).squeeze(-1), yv.float()).item() if len(xvs) else -epoch
+        if v < best - 1e-4:
+            best, best_state, bad = v, [p.detach().clone() for p in net.parameters()], 0
+        else:
+            bad += 1
+            if bad >= 4:
+                break
+    with torch.no_grad():
+        for p, b in zip(net.parameters(), best_state):
+            p.copy_(b)
+        w1 = fc1.weight / sd
+        b1 = fc1.bias - (fc1.weight * (mu / sd)).sum(1)
+        mlp = tuple(t.detach().clone().contiguous() for t in (w1, b1, fc2.weight[0], fc2.bias))
+        return mlp, dict(
+            epochs=epoch + 1, val_loss=best, positive_rate=float(pos))
+
+
+def dense_scores(data, layers, weights, k):
+    """Score of every (token, layer, previous layer) combination: [N, nL, nL + 1] (prev slot 0 = none)."""
+    N, nL = len(data["final"]), len(layers)
+    out = torch.zeros(N, nL, nL + 1)
+    logits = data["cand_logits"][:, layers].float()  # [N, nL, k]
+    probs = torch.softmax(logits, -1)
+    for i, l in enumerate(layers):
+        w1, b1, w2, b2 = weights[l]
+        for j in range(i + 1):
+            prev = torch.full((N, k), 1.0 / k) if j == 0 else probs[:, j - 1]
+            feats, _ = features_from_logits(logits[:, i], prev)
+            out[:, i, j] = torch.sigmoid(torch.relu(feats @ w1.T + b1) @ w2 + b2)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- 5. calibrate
+def binom_cdf(x: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= x), exact (log-space sum)."""
+    if n == 0 or x >= n:
+        return 1.0
+    if x < 0:
+        return 0.0
+    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
+            + (n - i) * math.log1p(-p) for i in range(x + 1)]
+    m = max(logs)
+    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
+
+
+def precision_lower_bound(errors: int, n: int, delta: float) -> float:
+    """Clopper-Pearson one-sided lower confidence bound on the precision (1 - error rate) at level 1 - delta."""
+    if n == 0:
+        return 0.0
+    lo, hi = 0.0, 1.0  # bisection on the error rate r: largest r with P(Bin(n, r) <= errors) >= delta
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if binom_cdf(errors, n, mid) >= delta:
+            lo = mid
+        else:
+            hi = mid
+    return 1.0 - lo
+
+
+def ltt_select(candidates, target_precision: float, delta: float):
+    """Learn-then-Test fixed-sequence selection.
+
+    ``candidates``: a list, from conservative to aggressive, of (exits, errors) or None for a member
+    that never exits (decided without the calibration data). Hypothesis j: the
+    precision of candidate j is below ``target_precision``; its p-value is P(Bin(exits, 1 - target) <=
+    errors). Reject in order while p <= delta; returns the index of the last rejected one (-1: none),
+    so that P(precision of the choice < target) <= delta.
+    """
+    alpha = 1.0 - target_precision
+    chosen = -1
+    for j, cand in enumerate(candidates):
+        if cand is None:
+            continue  # a member that cannot exit (all thresholds 1.0, known before calibration): no hypothesis
+        n, e = cand
+        if binom_cdf(e, n, alpha) <= delta:
+            chosen = j
+        else:
+            break
+    return chosen
+
+
+def thresholds_for_precision(scores, confirmable, correct, q: float, min_exits: int = 20) -> float:
+    """Lowest threshold t whose exits {score > t, confirmable} have precision >= q (and >= min_exits of them).
+
+    Only cuts between distinct scores are considered, so the exit set is exactly {score > t}. 1.0 if none.
+    """
+    s, c = scores[confirmable], correct[confirmable].float()
+    if len(s) < min_exits:
+        return 1.0
+    order = s.argsort(descending=True)
+    s, c = s[order], c[order]
+    n = torch.arange(1, len(s) + 1)
+    prec = c.cumsum(0) / n
+    nxt = torch.cat([s[1:], s.new_zeros(1)])
+    cut_ok = torch.cat([s[:-1] > s[1:], torch.tensor([True])])  # a strict drop after position j
+    ok = (prec >= q) & (n >= min_exits) & cut_ok
+    idx = torch.nonzero(ok).flatten()
+    if len(idx) == 0:
+        return 1.0
+    return float(nxt[int(idx[-1])])
+
+
+def simulate(data, layers, always, scores, thresholds, window, offsets, confirm="logits", costs=None):
+    """Run the decode loop's exit rule over teacher-forced tokens, sequence by sequence.
+
+    Returns dict(exit [N] 0-based (L-1 = no exit), exited [N], correct [N], evals, fires, cost per token
+    in layer units, speedup over full). ``scores`` from ``dense_scores``.
+    """
+    L = data["argmax"].shape[1]
+    li = {l: i for i, l in enumerate(layers)}
+    th = torch.tensor([thresholds[l] for l in layers])
+    fire_all = scores > th[None, :, None]  # [N, nL, nL+1]
+    am, final, cands = data["argmax"].long(), data["final"].long(), data["cands"]
+    confirmable = (cands[:, None, :] == am[:, :, None]).any(-1)  # [N, L]
+    top_cand = cands.gather(1, data["cand_logits"].argmax(-1))  # [N, L]
+    seq = data["seq"].tolist()
+    N = len(seq)
+    exit_l = torch.full((N,), L - 1, dtype=torch.long)
+    correct = torch.ones(N, dtype=torch.bool)
+    exited = torch.zeros(N, dtype=torch.bool)
+    evals = fires = 0
+    hist, prev_seq = [], None
+    fire_list = fire_all.tolist()
+    conf_l, cor_l, top_l = confirmable.tolist(), (am == final[:, None]).tolist(), (top_cand == final[:, None]).tolist()
+    for i in range(N):
+        if seq[i] != prev_seq:
+            hist, prev_seq = [], seq[i]
+        s = sorted(schedule_rows([hist[-window:] if window else []], always, layers, offsets)[0])
+        prev = 0
+        for l in s:
+            evals += 1
+            if fire_list[i][li[l]][prev]:
+                fires += 1
+                if confirm == "none":
+                    exit_l[i], exited[i], correct[i] = l, True, top_l[i][l]
+                    break
+                if conf_l[i][l]:
+                    exit_l[i], exited[i], correct[i] = l, True, cor_l[i][l]
+                    break
+            prev = li[l] + 1
+        hist.append(int(exit_l[i]))
+    out = dict(exit=exit_l, exited=exited, correct=correct, evals=evals, fires=fires)
+    if costs is not None:
+        head, pred, draft = costs["head"], costs["predictor"], costs.get("draft", 0.0)
+        layers_run = (exit_l + 1).float().sum().item()
+        confirm_heads = 0 if confirm == "none" else fires  # a fire runs the head; at an exit it is the logits
+        final_heads = int((~exited).sum())
+        total = layers_run + evals * pred + confirm_heads * head + final_heads * head + N * draft
+        out["cost"] = total / max(1, N)
+        out["speedup"] = (L + head) / out["cost"] if N else 1.0
+    return out
+
+
+def summarize(sim, L) -> dict:
+    n = int(sim["exited"].sum())
+    err = int((sim["exited"] & ~sim["correct"]).sum())
+    return dict(exit_rate=float(sim["exited"].float().mean()), exits=n, errors=err,
+                precision=(1 - err / n) if n else 1.0, mean_exit_layer=float((sim["exit"] + 1).float().mean()),
+                speedup=sim.get("speedup"), cost_layers=sim.get("cost"))
+
+
+def oracle_bound(oracle: torch.Tensor, L: int, head: float) -> float:
+    """Speedup of exiting every token at its oracle layer with no predictor cost: (L + head) / (mean exit + head)."""
+    return (L + head) / ((oracle + 1).float().mean().item() + head)
+
+
+@torch.no_grad()
+def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, tokens: int = 12) -> dict:
+    """The LM head, one predictor evaluation and the draft, in units of one decoder layer.
+
+    A layer is (one full-mode decode step - one LM head) / L, from specee's own decode loop, so the
+    units are what an exit saves. Medians (head, predictor, draft) and minima (decode) of repeats.
+    """
+    from . import ops
+    from .drafts import source_cost_ms
+    from .generate import generate
+
+    a = DecoderAdapter(model)
+    d, L = a.shape.hidden_size, a.num_layers
+    x = torch.randn(1, d, device=a.device, dtype=a.dtype)
+
+    def med(fn, n=repeats):
+        ts = []
+        for i in range(n + 2):
+            t = time.perf_counter()
+            fn()
+            if i >= 2:
+                ts.append(time.perf_counter() - t)
+        return sorted(ts)[len(ts) // 2]
+
+    ids = torch.arange(3, 11, device=a.device)[None]
+    gen = lambda n: generate(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0,  # noqa: E731
+                             eos_token_id=None, min_new_tokens=n)
+    def once(fn):
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    gen(2)  # warm-up
+    step = min((once(lambda: gen(tokens + 1)) - once(lambda: gen(1))) / tokens for _ in range(3))
+    head = med(lambda: a.logits(x))
+    layer = max(step - head, 1e-9) / L
+    k, H = 4, 128
+    c = torch.zeros(1, k, dtype=torch.long, device=a.device)
+    w = [t.to(a.device) for t in (torch.zeros(H, 3 * k), torch.zeros(H), torch.zeros(H), torch.zeros(1))]
+    prev = torch.full((1, k), 0.25, device=a.device)
+    pred = med(lambda: ops.exit_predict(x, a.norm.weight, a.shape.rms_eps, a.lm_head.weight, c, prev, *w, 0.5))
+    out = dict(layer_ms=1e3 * layer, step_ms=1e3 * step, head=head / layer, predictor=pred / layer)
+    if draft is not None:
+        out["draft"] = source_cost_ms(draft, a, repeats=repeats) / (1e3 * layer)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the driver
+def train_bank(model, tokenizer, prompts, out: str | Path, cfg: TrainConfig | None = None, work=None,
+               log=print) -> PredictorBank:
+    """Collect, select layers, train, calibrate, save. Returns the bank (also written to ``out``)."""
+    cfg = cfg or TrainConfig()
+    torch.manual_seed(cfg.seed)
+    out = Path(out)
+    work = Path(work) if work is not None else out / "collect"
+    a = DecoderAdapter(model)
+    L, V, k = a.num_layers, a.shape.vocab_size, cfg.k
+    t0 = time.perf_counter()
+    seqs = generate_chunks(model, tokenizer, prompts, work, cfg)
+    split = split_sequences(len(seqs), cfg.splits, cfg.seed)
+    draft = build_draft(cfg.draft, [seqs[i] for i in split["train"]], V, L, cfg)
+    tag = f"{cfg.draft}-k{k}-p{draft.layer}-v{cfg.vocab}-s{cfg.seed}"
+    data = collect_chunks(model, seqs, work, draft, cfg, tag)
+    parts = {name: subset(data, ids) for name, ids in split.items()}
+    tr, va, ca = parts["train"], parts["val"], parts["calib"]
+    oracle = oracle_exits(tr)
+    min_layer = 0 if draft.layer is None else draft.layer
+    if cfg.head_cost is not None and cfg.predictor_cost is not None:
+        costs = dict(head=cfg.head_cost, predictor=cfg.predictor_cost, draft=cfg.draft_cost or 0.0)
+    else:
+        costs = measure_costs(model, draft)
+        for key, val in (("head", cfg.head_cost), ("predictor", cfg.predictor_cost), ("draft", cfg.draft_cost)):
+            if val is not None:
+                costs[key] = val
+
+    # 3-4: layers, then one MLP per layer on the schedule's pairs (oracle-driven and dense schedules)
+    layers, _, hist = select_layers(oracle, L, cfg.first_layer, 1, min_layer)
+    weights, info = {}, {}
+    always_all = sorted(layers, key=lambda l: (-float(hist[l]), l))
+    pairs_tr = torch.cat([schedule_pairs(tr, layers, always_all[:4], cfg.window, cfg.offsets),
+                          schedule_pairs(tr, layers, layers, 0, cfg.offsets)]).unique(dim=0)
+    pairs_va = schedule_pairs(va, layers, always_all[:4], cfg.window, cfg.offsets)
+    ftr, ytr, _, _ = pair_features(tr, pairs_tr, k)
+    fva, yva, _, _ = pair_features(va, pairs_va, k)
+    for l in _progress(layers, desc="specee train: predictors", unit="layer"):
+        m, mv = pairs_tr[:, 1] == l, pairs_va[:, 1] == l
+        weights[l], info[l] = train_mlp(ftr[m], ytr[m], fva[mv], yva[mv], cfg.hidden, cfg.epochs, cfg.seed + l)
+
+    # thresholds for a precision q, fitted on the training split's (contextual) pairs
+    s_tr = dense_scores(tr, layers, weights, k)
+    li = {l: i for i, l in enumerate(layers)}
+
+    pair_cache = {}
+
+    def family(q, always):
+        key = tuple(always)
+        if key not in pair_cache:
+            pr = schedule_pairs(tr, layers, always, cfg.window, cfg.offsets)
+            pair_cache[key] = (pr, *pair_features(tr, pr, k)[2:])
+        pr, conf, cor = pair_cache[key]
+        t, l, p = pr.unbind(1)
+        sc = s_tr[t, torch.tensor([li[x] for x in l.tolist()]), torch.tensor(
+            [0 if x < 0 else li[x] + 1 for x in p.tolist()])]
+        if cfg.confirm == "none":
+            conf = torch.ones_like(conf)
+            cor = (tr["cands"][t].gather(1, tr["cand_logits"][t, l].argmax(-1, keepdim=True))[:, 0]
+                   == tr["final"][t])
+        return {x: thresholds_for_precision(sc[l == x], conf[l == x], cor[l == x], q) for x in layers}
+
+    # always-on layers: the count with the best simulated speed on the training split
+    if cfg.num_always is None:
+        best = None
+        for n in (2, 4, 6, 8):
+            alw = sorted(always_all[:n])
+            sim = simulate(tr, layers, alw, s_tr, family(cfg.target_precision, alw), cfg.window, cfg.offsets,
+                           cfg.confirm, costs)
+            if best is None or sim["speedup"] > best[0] + 1e-3:
+                best = (sim["speedup"], alw)
+        always = best[1]
+    else:
+        always = sorted(always_all[:cfg.num_always])
+
+    # 5: Learn-then-Test on the calibration split over the family, conservative -> aggressive
+    s_ca = dense_scores(ca, layers, weights, k)
+    members = []
+    for q in PRECISION_GRID:
+        th = family(q, always)
+        sim = simulate(ca, layers, always, s_ca, th, cfg.window, cfg.offsets, cfg.confirm, costs)
+        expected = summarize(simulate(tr, layers, always, s_tr, th, cfg.window, cfg.offsets, cfg.confirm),
+                             L)["exits"] * len(ca["final"]) / max(1, len(tr["final"]))
+        members.append((q, th, summarize(sim, L), expected))
+    op_points = {}
+    for target in sorted({0.9, 0.95, 0.98, 0.99, cfg.target_precision}):
+        # a member whose training-split exits predict too few calibration exits to pass is skipped
+        # (decided without the calibration data, so the fixed-sequence guarantee stands)
+        n_min = 5 * math.log(cfg.delta) / math.log(target)  # 5x: room for a few errors in the first test
+        j = ltt_select([None if m[3] < n_min else (m[2]["exits"], m[2]["errors"]) for m in members],
+                       target, cfg.delta)
+        th = members[j][1] if j >= 0 else {l: 1.0 for l in layers}
+        stats = members[j][2] if j >= 0 else dict(exit_rate=0.0, precision=1.0, speedup=1.0,
+                                                  mean_exit_layer=float(L), exits=0, errors=0)
+        bound = precision_lower_bound(stats.get("errors", 0), stats.get("exits", 0), cfg.delta)
+        op_points[f"{target:g}"] = dict(thresholds={str(l): v for l, v in th.items()}, confirm=cfg.confirm,
+                                        family_q=members[j][0] if j >= 0 else None, calib=stats,
+                                        precision_lower_bound=bound)
+    chosen = f"{cfg.target_precision:g}"
+    if cfg.target_speedup is not None:
+        fast = [m for m in members if (m[2]["speedup"] or 0) >= cfg.target_speedup]
+        if not fast:
+            raise ValueError(f"no calibrated operating point reaches a simulated speedup of {cfg.target_speedup}; "
+                             f"the fastest gives {max(m[2]['speedup'] for m in members):.3f}.")
+        q, th, stats, _ = fast[0]
+        op_points["speed"] = dict(thresholds={str(l): v for l, v in th.items()}, confirm=cfg.confirm, family_q=q,
+                                  calib=stats, precision_lower_bound=precision_lower_bound(
+                                      stats["errors"], stats["exits"], cfg.delta))
+        chosen = "speed"
+    thresholds = {int(l): v for l, v in op_points[chosen]["thresholds"].items()}
+
+    recall = {name: recall_at_k(p["cands"], p["final"]) for name, p in parts.items()}
+    oracle_all = oracle_exits(data)
+    metrics = dict(
+        tokens={n: len(p["final"]) for n, p in parts.items()}, prompts=len(seqs), draft_recall=recall,
+        oracle_mean_exit_layer=float((oracle_all + 1).float().mean()),
+        oracle_histogram=torch.bincount(oracle_all.long(), minlength=L).tolist(),
+        oracle_bound=oracle_bound(oracle_all, L, costs["head"]), costs=costs, operating_point=chosen,
+        calib=op_points[chosen]["calib"], precision_lower_bound=op_points[chosen]["precision_lower_bound"],
+        layers={str(l): dict(info[l], threshold=thresholds[l], oracle_share=float(hist[l] / hist.sum()))
+                for l in layers},
+        train_config={k_: v for k_, v in asdict(cfg).items() if k_ != "extra"}, seconds=time.perf_counter() - t0)
+    bank = PredictorBank(weights, thresholds, draft, always, cfg.window, cfg.offsets, cfg.confirm,
+                         model_fingerprint(model), op_points, metrics, _head_sample(model))
+    bank.save(out)
+    log(summary_table(bank))
+    return bank
+
+
+def summary_table(bank: PredictorBank) -> str:
+    m = bank.metrics
+    lines = [f"{'layer':>5} {'always':>6} {'oracle%':>7} {'pos%':>6} {'epochs':>6} {'threshold':>9}"]
+    for l in bank.predictor_layers:
+        r = m["layers"][str(l)]
+        lines.append(f"{l:>5} {'*' if l in bank.always else '':>6} {100 * r['oracle_share']:>7.1f} "
+                     f"{100 * r['positive_rate']:>6.1f} {r['epochs']:>6} {r['threshold']:>9.4f}")
+    c = m["calib"]
+    lines.append(f"draft {bank.draft.type} recall@{bank.k}: " + ", ".join(f"{n} {v:.3f}" for n, v in m["draft_recall"].items()))
+    lines.append(f"oracle mean exit layer {m['oracle_mean_exit_layer']:.2f}/{len(m['oracle_histogram'])}, "
+                 f"oracle bound {m['oracle_bound']:.3f}x (head = {m['costs']['head']:.2f} layers)")
+    lines.append(f"operating point {m['operating_point']}: exit rate {c.get('exit_rate', 0):.3f}, precision "
+                 f"{c.get('precision', 1):.4f} (>= {m['precision_lower_bound']:.4f} w.p. 1-delta), mean exit layer "
+                 f"{c.get('mean_exit_layer', 0):.2f}, simulated speedup {c.get('speedup') or 1:.3f}x")
+    return "\n".join(lines)
+
+
+def main_train(args):
+    """`specee train`: see cli.py for the options."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .demo import load_model
+
+    model, tok = load_model(args.model)
+    cfg = TrainConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, k=args.k,
+                      draft=args.draft, probe_layer=args.probe_layer, vocab=args.vocab, hidden=args.hidden,
+                      num_always=args.num_always, confirm=args.confirm, target_precision=args.target_precision,
+                      target_speedup=args.target_speedup, delta=args.delta)
+    prompts = load_prompt_specs(args.prompts)
+    if args.num_prompts:
+        prompts = prompts[:args.num_prompts]
+    bank = train_bank(model, tok, prompts, args.out, cfg, work=args.work)
+    print(f"saved {len(bank.predictor_layers)} predictors to {args.out}")
+    return bank
