@@ -221,69 +221,21 @@ class SelfSpeculativeDecoder:
         while any(unfinished):
             e, K = ctl.choose()
             active = torch.tensor(unfinished, device=device)
-            slots, shallow, drafts, dprobs = [], [], [], []
-            num_draft = torch.zeros(B, dtype=torch.long, device=device)
-            drafting = active.clone()
-            tok = last
-            for i in range(K + 1):
-                slot = self._append(next_pos + i)
-                h, _, _ = eng._run(a.embed(tok[:, None]), [slot], StepPlan(tuple(range(min(e, L))), frozenset()), None)
-                slots.append(slot)
-                shallow.append(h)
-                if i == K:
-                    break
-                dl = self._draft_logits(h[:, -1])
-                extra = [torch.stack(drafts, 1)[b] if drafts else seqs.new_empty(0) for b in range(B)]
-                ds = self._process(logits_processor, seqs, lengths, extra, dl)
-                q = torch.softmax(ds, -1)
-                d = torch.multinomial(q, 1)[:, 0] if do_sample else ds.argmax(-1)
-                if self.cfg.draft_stop > 0:
-                    drafting &= q.max(-1).values >= self.cfg.draft_stop
-                    eng.host_syncs += 1
-                    if not bool(drafting.any()):
-                        break
-                num_draft += drafting.long()
-                drafts.append(d)
-                dprobs.append(q)
-                tok = d
-            if e < L:
-                deep, _, _ = eng._run(torch.cat(shallow, 1), slots, StepPlan(tuple(range(e, L)), frozenset()), None)
-            else:
-                deep = shallow[0]  # K = 0: a plain full-depth step
-            target = a.logits(deep)  # [B, drafts + 1, V]
-            if not drafts:
-                ts = self._process(logits_processor, seqs, lengths, [seqs.new_empty(0)] * B, target[:, 0])
-                out_tokens = torch.multinomial(torch.softmax(ts, -1), 1) if do_sample else ts.argmax(-1, keepdim=True)
-                n_emit = torch.ones(B, dtype=torch.long, device=device)
-            else:
-                draft_t = torch.stack(drafts, 1)
-                ts = torch.stack([self._process(logits_processor, seqs, lengths,
-                                                [draft_t[b, :j] for b in range(B)], target[:, j])
-                                  for j in range(draft_t.shape[1] + 1)], 1)
-                if do_sample:
-                    out_tokens, n_emit = ops.verify_sample(
-                        draft_t, num_draft, torch.stack(dprobs, 1), ts, torch.ones(B, device=device),
-                        seed.to(device), torch.tensor(offset, dtype=torch.long, device=device))
-                    offset += 1
-                else:
-                    out_tokens, n_emit = ops.verify_greedy(draft_t, num_draft, ts)
+            slots, shallow, drafts, dprobs, num_draft = self._draft(e, K, last, next_pos, active, seqs, lengths,
+                                                                    logits_processor, do_sample)
+            out_tokens, n_emit = self._verify(e, slots, shallow, drafts, dprobs, num_draft, seqs, lengths,
+                                              logits_processor, do_sample, seed, offset)
+            offset += 1
             rounds += 1
             n_emit_host = n_emit.tolist()  # the one read-back per round
             eng.host_syncs += 1
-            drafted = num_draft.clone()
-            ctl.update(e, n_emit - 1, drafted)
+            ctl.update(e, n_emit - 1, num_draft)
             for b in range(B):
                 if unfinished[b]:
                     accept_hist[n_emit_host[b] - 1] += 1
-            per_tok = [e] * (K + 1)
-            appended = self._emit(out_tokens, n_emit, seqs, lengths, unfinished, exit_rec, per_tok,
+            appended = self._emit(out_tokens, n_emit, seqs, lengths, unfinished, exit_rec, [e] * (K + 1),
                                   stopping_criteria, max_new + P, streamer)
-            # roll back: slot j holds draft j; it stays iff that draft was emitted and is not the row's
-            # last token (a stop may cut a row inside its accepted drafts)
-            appended = torch.tensor(appended, device=device)
-            eng.cache.token_valid[:, slots[0]] &= active  # finished rows only fed padding
-            for j in range(1, len(slots)):
-                eng.cache.token_valid[:, slots[j]] &= appended > j
+            self._rollback(slots, active, torch.tensor(appended, device=device))
             idx = (n_emit - 1).clamp(min=0)[:, None]
             last = torch.where(active, out_tokens.gather(1, idx)[:, 0], torch.full_like(last, pad))
             next_pos = next_pos + n_emit
@@ -298,6 +250,71 @@ class SelfSpeculativeDecoder:
                      mean_accepted=sum(i * c for i, c in enumerate(accept_hist)) / max(1, sum(accept_hist)),
                      acceptance=dict(ctl.accept))
         return DecodeResult(seqs[:, : P + T], exit_layers, None, None, stats)
+
+    def _draft(self, e, K, last, next_pos, active, seqs, lengths, processors, do_sample):
+        """Feed ``last`` and up to K drafts through layers [0, e); returns what verification needs.
+
+        Shape: last [B], next_pos [B] -> slots (list of K'+1 ints), shallow (K'+1 tensors [B, 1, d]),
+        drafts (K' tensors [B]), draft_probs (K' tensors [B, V]), num_draft [B] (K' <= K).
+        """
+        a, eng = self.adapter, self.engine
+        plan = StepPlan(tuple(range(min(e, a.num_layers))), frozenset())
+        slots, shallow, drafts, dprobs = [], [], [], []
+        num_draft = torch.zeros_like(next_pos)
+        drafting = active.clone()
+        tok = last
+        for i in range(K + 1):
+            slots.append(self._append(next_pos + i))
+            h, _, _ = eng._run(a.embed(tok[:, None]), [slots[-1]], plan, None)
+            shallow.append(h)
+            if i == K:
+                break
+            prefix = [torch.stack(drafts, 1)[b] if drafts else seqs.new_empty(0) for b in range(len(lengths))]
+            scores = self._process(processors, seqs, lengths, prefix, self._draft_logits(h[:, -1]))
+            probs = torch.softmax(scores, -1)
+            tok = torch.multinomial(probs, 1)[:, 0] if do_sample else scores.argmax(-1)
+            if self.cfg.draft_stop > 0:  # Kangaroo's double exit: stop a row whose draft is unsure
+                drafting &= probs.max(-1).values >= self.cfg.draft_stop
+                eng.host_syncs += 1
+                if not bool(drafting.any()):
+                    break
+            num_draft += drafting.long()
+            drafts.append(tok)
+            dprobs.append(probs)
+        return slots, shallow, drafts, dprobs, num_draft
+
+    def _verify(self, e, slots, shallow, drafts, dprobs, num_draft, seqs, lengths, processors, do_sample, seed,
+                offset):
+        """Layers [e, L) over every fed position in one pass, then accept on device.
+
+        Returns out_tokens [B, K'+1] (-1 past each row's emitted tokens) and num_emitted [B].
+        """
+        a, L, B = self.adapter, self.adapter.num_layers, len(lengths)
+        if e < L:
+            deep, _, _ = self.engine._run(torch.cat(shallow, 1), slots, StepPlan(tuple(range(e, L)), frozenset()),
+                                          None)
+        else:
+            deep = shallow[0]  # K = 0: a plain full-depth step
+        target = a.logits(deep)  # [B, K'+1, V]
+        draft_t = torch.stack(drafts, 1) if drafts else num_draft.new_zeros(B, 0)
+        scores = torch.stack([self._process(processors, seqs, lengths, [draft_t[b, :j] for b in range(B)],
+                                            target[:, j]) for j in range(draft_t.shape[1] + 1)], 1)
+        if not drafts:
+            tokens = torch.multinomial(torch.softmax(scores[:, 0], -1), 1) if do_sample else scores[:, 0].argmax(-1, True)
+            return tokens, torch.ones_like(num_draft)
+        if do_sample:
+            device = draft_t.device
+            return ops.verify_sample(draft_t, num_draft, torch.stack(dprobs, 1), scores, torch.ones(B, device=device),
+                                     seed.to(device), torch.tensor(offset, dtype=torch.long, device=device))
+        return ops.verify_greedy(draft_t, num_draft, scores)
+
+    def _rollback(self, slots, active, appended):
+        """Slot j of the round holds draft j: it stays iff that draft was emitted and is not the row's last
+        token (a stop may cut a row inside its accepted drafts); finished rows only fed padding."""
+        valid = self.engine.cache.token_valid
+        valid[:, slots[0]] &= active
+        for j in range(1, len(slots)):
+            valid[:, slots[j]] &= appended > j
 
     def _append(self, pos):
         cache = self.engine.cache
