@@ -100,7 +100,7 @@ std::tuple<Tensor, Tensor, Tensor> exit_predict_cpu(const Tensor& hidden, const 
   for (int64_t i = 0; i < B * k; ++i)
     TORCH_CHECK(id[i] >= 0 && id[i] < V, "cand_ids[", i / k, ", ", i % k, "] = ", id[i],
                 " is not a row of lm_head (vocab ", V, ")");
-  const Tensor x = f32(hidden), nw = f32(norm_weight), pp = f32(prev_probs), W1 = f32(w1), B1 = f32(b1),
+  const Tensor x = f32(hidden), nw = f32(norm_weight), pp = f32(prev_probs), W1t = f32(w1).t().contiguous(), B1 = f32(b1),
                W2 = f32(w2), head = lm_head.contiguous();
   const float bias2 = f32(b2).const_data_ptr<float>()[0];
   Tensor score = at::empty({B}, hidden.options().dtype(at::kFloat));
@@ -109,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor> exit_predict_cpu(const Tensor& hidden, const 
   SPECEE_DISPATCH_FLOATS(head.scalar_type(), "specee::exit_predict", [&] {
     specee::cpu::ExitPredict<scalar_t>(
         x.const_data_ptr<float>(), nw.const_data_ptr<float>(), static_cast<float>(eps),
-        head.const_data_ptr<scalar_t>(), id, pp.const_data_ptr<float>(), W1.const_data_ptr<float>(),
+        head.const_data_ptr<scalar_t>(), id, pp.const_data_ptr<float>(), W1t.const_data_ptr<float>(),
         B1.const_data_ptr<float>(), W2.const_data_ptr<float>(), bias2, static_cast<float>(threshold), B, d, k, H,
         score.mutable_data_ptr<float>(), probs.mutable_data_ptr<float>(), exit.mutable_data_ptr<bool>());
   });

@@ -101,6 +101,13 @@ SPECEE_AVX2 inline float Dot(const float* a, const T* b, int64_t n) {
   return s;
 }
 
+SPECEE_AVX2 inline void Axpy(float a, const float* x, float* y, int64_t n) {
+  const __m256 av = _mm256_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < n; ++i) y[i] = std::fma(a, x[i], y[i]);
+}
+
 template <typename T>
 SPECEE_AVX2 inline void ToF32(const T* src, float* dst, int64_t n) {
   int64_t i = 0;
@@ -227,6 +234,14 @@ inline float dot_f32(const float* a, const T* b, int64_t n) {
   float s = hsum((acc0 + acc1) + (acc2 + acc3));
   for (; i < n; ++i) s += a[i] * static_cast<float>(b[i]);
   return s;
+}
+
+// y += a * x over n floats.
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+#if SPECEE_X86
+  if (HasAvx2()) return avx2::Axpy(a, x, y, n);
+#endif
+  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
 }
 
 // Row b of a [rows, n] tensor converted to fp32 into dst.

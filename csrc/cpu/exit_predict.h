@@ -15,7 +15,7 @@ void ExitPredict(const float* hidden,       // [B, d] fp32
                  const T* lm_head,          // [V, d]
                  const int64_t* cand_ids,   // [B, k], in [0, V)
                  const float* prev_probs,   // [B, k]
-                 const float* w1,           // [H, 3k]
+                 const float* w1t,          // [3k, H]: w1 transposed, so the MLP is 3k contiguous axpys
                  const float* b1,           // [H]
                  const float* w2,           // [H]
                  float b2, float threshold,
@@ -26,7 +26,7 @@ void ExitPredict(const float* hidden,       // [B, d] fp32
   // NOTE: a row costs ~k*d + 3k*H flops; the grain keeps small batches on one thread (no fork/join).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, k * d + 3 * k * H));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> normed(d), feats(3 * k);
+    std::vector<float> normed(d), feats(3 * k), h(H);
     for (int64_t b = begin; b < end; ++b) {
       const float* x = hidden + b * d;
       const float inv_rms = 1.f / std::sqrt(dot_f32(x, x, d) / static_cast<float>(d) + eps);
@@ -46,8 +46,10 @@ void ExitPredict(const float* hidden,       // [B, d] fp32
         probs[b * k + c] = p[c];
         feats[2 * k + c] = p[c] - prev_probs[b * k + c];
       }
-      float z = b2;
-      for (int64_t j = 0; j < H; ++j) z += w2[j] * std::max(0.f, dot_f32(feats.data(), w1 + j * 3 * k, 3 * k) + b1[j]);
+      std::copy(b1, b1 + H, h.begin());
+      for (int64_t c = 0; c < 3 * k; ++c) axpy(feats[c], w1t + c * H, h.data(), H);
+      for (int64_t j = 0; j < H; ++j) h[j] = std::max(0.f, h[j]);
+      const float z = dot_f32(h.data(), w2, H) + b2;
       const float s = 1.f / (1.f + std::exp(-z));
       score[b] = s;
       exit[b] = s > threshold;
