@@ -28,6 +28,7 @@ OPS = ("exit_predict", "lm_head_argmax", "verify_greedy", "verify_sample")
 
 @functools.lru_cache(maxsize=None)
 def compiled_reference(op):
+    torch._dynamo.config.recompile_limit = 64  # one static-shape graph per benchmark case, on purpose
     return torch.compile(getattr(reference, op), fullgraph=True, dynamic=False)
 
 
