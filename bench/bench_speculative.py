@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import default_prompt_file, write_json  # noqa: E402
-from e2e import pick_prompts  # noqa: E402
+from e2e import pick_prompts  # noqa: E402  (spread over categories)
 
 import specee  # noqa: E402
 from specee.prompts import batches, encode, new_tokens  # noqa: E402

@@ -23,16 +23,20 @@ def _meta_line(meta):
 
 
 def e2e_table(doc):
-    o = doc["oracle"]
+    o, L = doc["oracle"], doc["num_layers"]
     lines = [f"**End to end** (`bench/e2e.py`, {doc['num_prompts']} Spec-Bench prompts, {doc['max_new_tokens']} "
-             f"new tokens, greedy, batch 1). " + _meta_line(doc["meta"]), "",
-             "| mode | tok/s | vs HF | vs full | token agreement | exact | mean exit layer |",
-             "|---|---|---|---|---|---|---|"]
-    for name, r in doc["results"].items():
-        lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {r['speedup_vs_full']:.2f}x | "
-                     f"{r['token_agreement']:.1%} | {r['exact_match']:.0%} | {r['mean_exit_layer']:.1f} |")
-    lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {o['num_layers']}; with a layer at "
-              f"{o['layer_ms']:.2f} ms and the head at {o['head_ms']:.2f} ms, layer skipping can buy at most "
+             f"new tokens, greedy). " + _meta_line(doc["meta"])]
+    for batch, rows in doc["results"].items():
+        lines += ["", f"{batch.replace('_', ' ')}:", "",
+                  "| mode | tok/s | vs HF | token agreement with full | exact | p50 / p99 ms | TTFT ms | mean exit layer |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            lat = r["latency_ms"]
+            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {r['token_agreement']:.1%} "
+                         f"| {r['exact_match']:.0%} | {lat['p50']:.1f} / {lat['p99']:.1f} | {_fmt(r['ttft_ms'], '.0f')} "
+                         f"| {r['mean_exit_layer']:.1f} |")
+    lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {L}; with a layer at {o['layer_ms']:.2f} ms "
+              f"and the head at {o['head_ms']:.2f} ms, layer skipping can buy at most "
               f"{o['speedup_bound_vs_full']:.2f}x over full."]
     return lines
 
@@ -61,9 +65,8 @@ def render():
             out += [f"- `{path.relative_to(HERE)}`: {doc.get('benchmark', 'results')} (see the file)", ""]
             continue
         out += [f"### {path.name}", ""] + fn(doc) + [""]
-        png = path.with_suffix(".png")
-        if png.exists():
-            out += [f"![{path.stem}](results/{png.name})", ""]
+        for png in sorted((HERE / "results").glob(f"{path.stem}*.png")):
+            out += [f"![{png.stem}](results/{png.name})", ""]
     return "\n".join(out)
 
 

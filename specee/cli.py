@@ -64,6 +64,18 @@ def build_parser():
                     help="ask for a simulated speedup instead; the certified precision is reported")
     tr.add_argument("--delta", type=float, default=0.1, help="calibration failure probability (Learn-then-Test)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+    be = sub.add_parser("bench", help="every mode and HF generate side by side on the same prompts: speedup per "
+                        "category, latency percentiles, fidelity, exit histograms, batch scaling (JSON + PNG)")
+    be.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
+    be.add_argument("--modes", nargs="+", default=["full", "skipdecode", "confidence"], choices=MODES)
+    be.add_argument("--prompts", default=None, help="JSONL prompts, e.g. ../shared/data/spec_bench_dev.jsonl "
+                    "(default: the prompts shipped with specee)")
+    be.add_argument("--num-prompts", type=int, default=None)
+    be.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    be.add_argument("--max-new-tokens", type=int, default=64)
+    be.add_argument("--out", default="specee-bench", help="directory for bench.json and the plots")
+    be.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 
@@ -80,6 +92,10 @@ def main(argv=None):
             from .train import main_train
 
             main_train(args)
+        elif args.command == "bench":
+            from .bench import main_bench
+
+            main_bench(args)
     except (ValueError, TypeError, FileNotFoundError, ModuleNotFoundError) as e:
         print(f"specee {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,313 @@
+"""The `specee bench` driver: every requested mode and HF `generate`, side by side on the same prompts.
+
+For each batch size, each batch of prompts is decoded by every method in turn (so machine noise hits
+all alike), after a warm-up. Per method: tokens/s and speedup over HF per category; mean and
+p50/p95/p99 per-token latency and time to first token (from a timing streamer); fidelity against
+`full` greedy (token agreement, whole-sequence match); the exit-layer histogram. Once per run: the
+oracle exit bound (each `full` token's first agreeing layer, priced with measured layer and head
+costs). Writes one JSON and PNG plots.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from dataclasses import dataclass, field
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from .generate import generate
+from .models import DecoderAdapter
+from .prompts import batches, encode, new_tokens
+
+_REPO = Path(__file__).resolve().parent.parent
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=_REPO, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO,
+                               capture_output=True, text=True).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def run_metadata() -> dict:
+    """Device, versions, commit and date: every result file carries them."""
+    import torch
+
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+    }
+    for pkg in ("transformers", "triton"):
+        try:
+            meta[pkg] = __import__(pkg).__version__
+        except ImportError:
+            meta[pkg] = None
+    return meta
+
+
+
+DEFAULT_CONFIGS = {
+    "skipdecode": lambda L: dict(min_layers=(3 * L) // 4),
+    "confidence": lambda L: dict(thresholds=0.95, layers=list(range(L // 2, L - 1, 3))),
+    "self_speculative": lambda L: None,
+}
+
+
+class TimingStreamer(BaseStreamer):
+    """Records when each decoding step's tokens arrive; the first put is transformers' prompt."""
+
+    def __init__(self):
+        self.times, self.prompt_seen = [], False
+
+    def put(self, value):
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+@dataclass
+class MethodStats:
+    tokens: int = 0
+    seconds: float = 0.0
+    agree: int = 0
+    compared: int = 0
+    exact: int = 0
+    rows: int = 0
+    ttft: list = field(default_factory=list)
+    latencies: list = field(default_factory=list)
+    exit_layers: list = field(default_factory=list)
+    by_category: dict = field(default_factory=dict)
+
+    def summary(self, num_layers):
+        lat = torch.tensor(self.latencies or [float("nan")], dtype=torch.float64) * 1e3
+        q = torch.quantile(lat, torch.tensor([0.5, 0.95, 0.99], dtype=torch.float64)).tolist()
+        hist = torch.bincount(torch.tensor(self.exit_layers or [0]), minlength=num_layers + 1).tolist()
+        return dict(tokens_per_s=self.tokens / self.seconds, tokens=self.tokens,
+                    token_agreement=self.agree / max(1, self.compared), exact_match=self.exact / max(1, self.rows),
+                    latency_ms=dict(mean=float(lat.mean()), p50=q[0], p95=q[1], p99=q[2]),
+                    ttft_ms=sum(self.ttft) / len(self.ttft) * 1e3 if self.ttft else None,
+                    mean_exit_layer=sum(self.exit_layers) / len(self.exit_layers) if self.exit_layers else num_layers,
+                    exit_histogram=hist,
+                    tokens_per_s_by_category={k: n / t for k, (n, t) in self.by_category.items()})
+
+
+def _decode(model, ids, mask, method, cfg, n, stream):
+    streamer = TimingStreamer() if stream else None
+    kw = dict(max_new_tokens=n, do_sample=False, streamer=streamer)
+    t0 = time.perf_counter()
+    if method == "hf":
+        seq, exits = model.generate(ids, attention_mask=mask, **kw), None
+    else:
+        out = generate(model, ids, mask, mode=method, exit_config=cfg, return_dict_in_generate=True, **kw)
+        seq, exits = out.sequences, out.exit_layers
+    return seq, exits, t0, time.perf_counter() - t0, streamer
+
+
+@torch.no_grad()
+def oracle_exits(model, seq, prompt_len):
+    """Oracle exit layer (layers run, 1-based) of each generated token of ``seq`` [1, T], teacher-forced."""
+    a = DecoderAdapter(model)
+    hs = model(seq, output_hidden_states=True).hidden_states  # L+1 states [1, T, d]
+    pos = slice(prompt_len - 1, seq.shape[1] - 1)  # the states that predicted each generated token
+    final = a.logits(hs[-1][:, pos]).argmax(-1)
+    oracle = torch.full_like(final, a.num_layers)
+    for l in range(a.num_layers, 0, -1):  # walking down, the smallest agreeing layer wins (SpecEE's labels)
+        oracle = torch.where(a.logits(hs[l][:, pos]).argmax(-1) == final, torch.full_like(oracle, l), oracle)
+    return oracle[0]
+
+
+@torch.no_grad()
+def head_cost_ms(model, reps=30):
+    """Measured ms of the final norm + LM head at batch 1."""
+    a = DecoderAdapter(model)
+    h = torch.randn(1, 1, a.shape.hidden_size, device=a.device, dtype=a.dtype)
+    for _ in range(3):
+        a.logits(h)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a.logits(h)
+    if h.is_cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / reps * 1e3
+
+
+def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidence"), batch_sizes=(1,),
+              max_new_tokens=64, exit_configs=None, progress=True):
+    """Decode ``prompts`` with HF generate and every mode; returns the results dict (see module docstring)."""
+    from tqdm.auto import tqdm
+
+    L = model.config.num_hidden_layers
+    methods = ["hf"] + [m for m in ("full", *modes) if m not in ("hf",)]
+    methods = list(dict.fromkeys(methods))
+    configs = {m: (exit_configs or {}).get(m, DEFAULT_CONFIGS[m](L) if m in DEFAULT_CONFIGS else None)
+               for m in methods}
+    ids, mask = encode(tokenizer, [prompts[0].text])
+    for m in methods:  # warm-up, not timed
+        _decode(model, ids, mask, m, configs[m], 4, False)
+    results, oracle = {}, []
+    for bs in batch_sizes:
+        stats = {m: MethodStats() for m in methods}
+        groups = list(batches(prompts, bs))
+        for group in tqdm(groups, desc=f"specee bench (batch {bs})", disable=not progress):
+            ids, mask = encode(tokenizer, [p.text for p in group])
+            P = ids.shape[1]
+            rows = {}
+            for m in methods:
+                stream = not (m == "self_speculative" and bs > 1)  # speculative rows emit unevenly
+                seq, exits, t0, dt, streamer = _decode(model, ids, mask, m, configs[m], max_new_tokens, stream)
+                rows[m] = new_tokens(seq, P, tokenizer.eos_token_id)
+                s = stats[m]
+                s.tokens += sum(map(len, rows[m]))
+                s.seconds += dt
+                s.rows += len(group)
+                if streamer is not None and streamer.times:
+                    s.ttft.append(streamer.times[0] - t0)
+                    s.latencies += [b - a for a, b in zip(streamer.times, streamer.times[1:])]
+                for b, r in enumerate(rows[m]):
+                    s.exit_layers += exits[b, : len(r)].tolist() if exits is not None else [L] * len(r)
+                if bs == 1:
+                    c = s.by_category.setdefault(group[0].category, [0, 0.0])
+                    c[0] += len(rows[m][0])
+                    c[1] += dt
+            for m in methods:
+                s = stats[m]
+                for r, ref in zip(rows[m], rows["full"]):
+                    s.agree += sum(x == y for x, y in zip(r, ref))
+                    s.compared += len(ref)
+                    s.exact += int(r == ref)
+            if bs == batch_sizes[0]:
+                for b, ref in enumerate(rows["full"]):
+                    row_ids = ids[b][mask[b].bool()]
+                    seq = torch.cat([row_ids, torch.tensor(ref, dtype=torch.long, device=ids.device)])[None]
+                    oracle.append(oracle_exits(model, seq, len(row_ids)))
+        hf_tps = stats["hf"].tokens / stats["hf"].seconds
+        results[f"batch_{bs}"] = {m: dict(s.summary(L), speedup_vs_hf=(s.tokens / s.seconds) / hf_tps,
+                                          exit_config=configs[m]) for m, s in stats.items()}
+    full = results[f"batch_{batch_sizes[0]}"]["full"]
+    head_ms = head_cost_ms(model)
+    step_ms = full["latency_ms"]["mean"]  # a decode step, without the prefill that tokens/s includes
+    if step_ms != step_ms:  # NaN: no streamed latencies
+        step_ms = 1e3 / full["tokens_per_s"]
+    layer_ms = (step_ms - head_ms) / L
+    o = torch.cat(oracle).float()
+    bound = (L * layer_ms + head_ms) / (o.mean().item() * layer_ms + head_ms)
+    return dict(results=results, num_layers=L, max_new_tokens=max_new_tokens, num_prompts=len(prompts),
+                oracle=dict(mean_exit_layer=o.mean().item(), layer_ms=layer_ms, head_ms=head_ms,
+                            speedup_bound_vs_full=bound,
+                            histogram=torch.bincount(o.long(), minlength=L + 1).tolist()))
+
+
+def plot_bench(doc, out_dir):
+    """PNG plots of a run_bench result: speedup per mode and category, latency, exit histograms, batch scaling."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, L = doc["results"], doc["num_layers"]
+    first = res[next(iter(res))]
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    cats = sorted({c for r in first.values() for c in r["tokens_per_s_by_category"]})
+    hf = first["hf"]["tokens_per_s_by_category"]
+    w = 0.8 / max(1, len(first))
+    for i, (m, r) in enumerate(first.items()):
+        axes[0].bar([j + i * w for j in range(len(cats))],
+                    [r["tokens_per_s_by_category"].get(c, 0) / hf.get(c, 1) for c in cats], w, label=m)
+    axes[0].set_xticks([j + 0.4 for j in range(len(cats))], cats, rotation=45, ha="right", fontsize=7)
+    axes[0].axhline(1, c="gray", lw=1, ls="--")
+    axes[0].set_ylabel("speedup over HF generate")
+    axes[0].legend(fontsize=7)
+    names = list(first)
+    for k, key in enumerate(("p50", "p95", "p99")):
+        axes[1].bar([j + k * 0.27 for j in range(len(names))], [first[m]["latency_ms"][key] for m in names], 0.27,
+                    label=key)
+    axes[1].set_xticks([j + 0.27 for j in range(len(names))], names, rotation=30, ha="right", fontsize=8)
+    axes[1].set_ylabel("per-token latency (ms)")
+    axes[1].legend(fontsize=7)
+    for m, r in first.items():
+        if m != "hf":
+            axes[2].plot(range(L + 1), [c / max(1, sum(r["exit_histogram"])) for c in r["exit_histogram"]], label=m)
+    oh = doc["oracle"]["histogram"]
+    axes[2].plot(range(L + 1), [c / max(1, sum(oh)) for c in oh], "k--", label="oracle")
+    axes[2].set_xlabel("exit layer (layers run)")
+    axes[2].set_ylabel("fraction of tokens")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    p = out_dir / "bench_modes.png"
+    fig.savefig(p, dpi=110)
+    paths.append(p)
+    plt.close(fig)
+    if len(res) > 1:
+        fig, ax = plt.subplots(figsize=(5, 4))
+        bss = [int(k.split("_")[1]) for k in res]
+        for m in first:
+            ax.plot(bss, [res[f"batch_{b}"][m]["tokens_per_s"] for b in bss], "o-", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        p = out_dir / "bench_batch.png"
+        fig.savefig(p, dpi=110)
+        paths.append(p)
+        plt.close(fig)
+    return paths
+
+
+def main_bench(args):
+    """`specee bench`: run, write <out>/bench.json and plots, print a summary table."""
+    import json
+
+    from .demo import load_model
+    from .prompts import load_prompts
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    prompts = load_prompts(args.prompts, args.num_prompts)
+    doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
+                    max_new_tokens=args.max_new_tokens)
+    doc = dict(meta=run_metadata(), benchmark="specee_bench", model=args.model or "SmolLM2-135M-Instruct",
+               prompts=args.prompts or "specee/data/demo_prompts.jsonl", **doc)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    plots = plot_bench(doc, out)
+    print(summary_table(doc))
+    print(f"wrote {out / 'bench.json'} and {', '.join(str(p) for p in plots)}")
+
+
+def summary_table(doc):
+    lines = []
+    for bs, rows in doc["results"].items():
+        lines.append(f"{bs}: {'method':<18}{'tok/s':>8}{'vs hf':>7}{'agree':>8}{'exact':>7}{'p50 ms':>8}"
+                     f"{'p99 ms':>8}{'ttft ms':>8}{'exit':>6}")
+        for m, r in rows.items():
+            ttft = f"{r['ttft_ms']:8.1f}" if r["ttft_ms"] is not None else f"{'—':>8}"
+            lines.append(f"{'':{len(bs) + 2}}{m:<18}{r['tokens_per_s']:8.1f}{r['speedup_vs_hf']:7.2f}"
+                         f"{r['token_agreement']:8.1%}{r['exact_match']:7.0%}{r['latency_ms']['p50']:8.1f}"
+                         f"{r['latency_ms']['p99']:8.1f}{ttft}{r['mean_exit_layer']:6.1f}")
+    o = doc["oracle"]
+    lines.append(f"oracle: mean exit layer {o['mean_exit_layer']:.1f}/{doc['num_layers']}, layer skipping can buy at "
+                 f"most {o['speedup_bound_vs_full']:.2f}x over full (layer {o['layer_ms']:.2f} ms, head "
+                 f"{o['head_ms']:.2f} ms)")
+    return "\n".join(lines)

@@ -1,0 +1,33 @@
+"""`specee bench` end to end on a tiny random model: schema, plots, finite numbers, fidelity of full."""
+import json
+import math
+
+from specee import cli
+
+
+def test_specee_bench_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n{"turns": ["w4 w5 w6 w7"], "category": "b"}\n')
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--model", tiny_model_dir, "--prompts", str(prompts), "--modes", "full", "skipdecode",
+                     "confidence", "self_speculative", "--batch-sizes", "1", "2", "--max-new-tokens", "6",
+                     "--out", str(out)]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert {"torch", "transformers", "commit", "date", "device"} <= set(doc["meta"])
+    assert set(doc["results"]) == {"batch_1", "batch_2"}
+    for rows in doc["results"].values():
+        assert set(rows) == {"hf", "full", "skipdecode", "confidence", "self_speculative"}
+        assert rows["full"]["token_agreement"] == 1.0 and rows["full"]["exact_match"] == 1.0
+        assert rows["hf"]["token_agreement"] == 1.0, "full is token-identical to HF generate"
+        assert rows["self_speculative"]["exact_match"] == 1.0, "greedy self-speculation is exact"
+        for r in rows.values():
+            assert math.isfinite(r["tokens_per_s"]) and r["tokens_per_s"] > 0
+            assert sum(r["exit_histogram"]) == r["tokens"]
+            assert 0 < r["mean_exit_layer"] <= doc["num_layers"]
+    b1 = doc["results"]["batch_1"]
+    assert set(b1["full"]["tokens_per_s_by_category"]) == {"a", "b"}
+    assert b1["full"]["latency_ms"]["p50"] <= b1["full"]["latency_ms"]["p99"]
+    assert b1["full"]["ttft_ms"] > 0
+    assert 1 <= doc["oracle"]["mean_exit_layer"] <= doc["num_layers"]
+    assert (out / "bench_modes.png").stat().st_size > 0 and (out / "bench_batch.png").stat().st_size > 0
+    assert "oracle" in capsys.readouterr().out
