@@ -100,8 +100,8 @@ std::tuple<Tensor, Tensor, Tensor> exit_predict_cpu(const Tensor& hidden, const 
   for (int64_t i = 0; i < B * k; ++i)
     TORCH_CHECK(id[i] >= 0 && id[i] < V, "cand_ids[", i / k, ", ", i % k, "] = ", id[i],
                 " is not a row of lm_head (vocab ", V, ")");
-  const Tensor x = f32(hidden), nw = f32(norm_weight), pp = f32(prev_probs), W1t = f32(w1).t().contiguous(), B1 = f32(b1),
-               W2 = f32(w2), head = lm_head.contiguous();
+  const Tensor x = f32(hidden), nw = f32(norm_weight), pp = f32(prev_probs), B1 = f32(b1), W2 = f32(w2),
+               W1t = f32(w1).t().contiguous(), head = lm_head.contiguous();
   const float bias2 = f32(b2).const_data_ptr<float>()[0];
   Tensor score = at::empty({B}, hidden.options().dtype(at::kFloat));
   Tensor probs = at::empty({B, k}, hidden.options().dtype(at::kFloat));

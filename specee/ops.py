@@ -48,11 +48,11 @@ def _load_extension():
 
 
 def _load_triton():
-    """Define `specee::<op>_triton` for every Triton kernel file that imports; returns ({op: callable}, why)."""
+    """Define `specee::<op>_triton` for every Triton kernel file that imports; returns ({op: callable}, Library)."""
     try:
         importlib.import_module("triton")
     except ImportError:
-        return {}, "triton is not installed"
+        return {}, None
     lib = torch.library.Library("specee", "FRAGMENT")
     found = {}
     for op in OPS:

@@ -151,3 +151,34 @@ def test_compiles_fullgraph():
     draft, num_draft, logits, t = make_case(3, 4, 100, torch.float32)
     out, n_emit = torch.compile(ops.verify_greedy, fullgraph=True)(draft, num_draft, logits)
     assert_equal(out, expected(t, draft, num_draft)[0], "out")
+
+
+def _run_python(code, **env):
+    import os
+    import subprocess
+    import sys
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SPECEE_BACKEND", "TRITON_INTERPRET")}
+    full_env.update(env)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_specee_backend_forces_reference_and_rejects_bad_values():
+    forced = _run_python("from specee import ops; print(ops.backend_of('verify_greedy', 'cpu'))",
+                         SPECEE_BACKEND="reference")
+    assert forced.returncode == 0 and forced.stdout.strip() == "reference", forced.stderr
+    bad = _run_python("import specee.ops", SPECEE_BACKEND="fastest")
+    assert bad.returncode != 0 and "SPECEE_BACKEND='fastest'" in bad.stderr
+    if not torch.cuda.is_available():
+        missing = _run_python("import specee.ops", SPECEE_BACKEND="cuda")
+        assert missing.returncode != 0 and "SPECEE_BACKEND=cuda is unavailable" in missing.stderr
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    code = ("import sys, warnings, torch\n"
+            "sys.modules['specee._C'] = None\n"              # makes `import specee._C` raise ImportError
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    from specee import ops\n"
+            "print(sum('specee._C' in str(x.message) for x in w), ops.backend_of('verify_greedy', 'cpu'))")
+    result = _run_python(code)
+    assert result.returncode == 0 and result.stdout.split() == ["1", "reference"], result.stdout + result.stderr

@@ -78,7 +78,7 @@ def param(*values, big=False, id=None):
 def maybe_compile(fn):
     """`fn` under torch.compile(fullgraph=True) when SPECEE_TEST_COMPILE=1 (STYLE.md §12), else `fn`."""
     if os.environ.get("SPECEE_TEST_COMPILE") == "1":
-        return torch.compile(fn, fullgraph=True, dynamic=False)
+        return torch.compile(lambda *args: fn(*args), fullgraph=True, dynamic=False)
     return fn
 
 
