@@ -34,6 +34,8 @@ class KVCache:
         kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
+        # per-layer views, made once: indexing the 5-D buffer on every update costs more than the copy
+        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
         self.token_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
@@ -83,15 +85,17 @@ class LayerKV:
 
     def update(self, key_states, value_states, layer_idx, cache_kwargs=None):
         c = self.cache
+        k, v = c.k_layers[layer_idx], c.v_layers[layer_idx]
         if self.contiguous is not None:
-            c.k[layer_idx, :, :, self.contiguous] = key_states
-            c.v[layer_idx, :, :, self.contiguous] = value_states
-            c.present[layer_idx, self.contiguous] = True
+            start, n = self.contiguous.start, self.contiguous.stop - self.contiguous.start
+            k.narrow(2, start, n).copy_(key_states)
+            v.narrow(2, start, n).copy_(value_states)
+            c.present[layer_idx].narrow(0, start, n).fill_(True)
         else:
-            c.k[layer_idx].index_copy_(2, self.slots, key_states)
-            c.v[layer_idx].index_copy_(2, self.slots, value_states)
+            k.index_copy_(2, self.slots, key_states)
+            v.index_copy_(2, self.slots, value_states)
             c.present[layer_idx, self.slots] = True
-        return c.k[layer_idx, :, :, : c.length], c.v[layer_idx, :, :, : c.length]
+        return k.narrow(2, 0, c.length), v.narrow(2, 0, c.length)
 
 
 class DeferredQueue:
