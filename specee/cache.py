@@ -42,6 +42,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0
         self.has_holes = False
+        self.all_valid = True  # host-side: no padding and no rolled-back slot so far (set by the engine)
 
     def append(self, valid: torch.Tensor, positions: torch.Tensor) -> slice:
         """Reserve the next ``valid.shape[1]`` slots for new tokens; returns their slot range."""
@@ -53,6 +54,14 @@ class KVCache:
         self.positions[:, slots] = positions
         self.length += n
         return slots
+
+    def needs_mask(self, q: int, first_slot: int, additive: bool) -> bool:
+        """False when attention needs no mask at all, so transformers' unmasked fast path runs, as in
+        ``model.generate`` (which drops an all-ones mask): one query over a cache without padding,
+        holes or rollbacks, or an sdpa prefill from slot 0 (sdpa is then causal by itself)."""
+        if not self.all_valid or self.has_holes:
+            return True
+        return not (q == 1 or (not additive and first_slot == 0 and q == self.length))
 
     def view(self, slots: torch.Tensor, contiguous: slice | None) -> "LayerKV":
         return LayerKV(self, slots, contiguous)

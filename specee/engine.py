@@ -69,7 +69,8 @@ class Engine:
         additive = a.attn_implementation == "eager"
         contiguous = slice(slots[0], slots[-1] + 1)
         cur_t = all_t[len(all_slots) - len(slots):]
-        shared_mask = None if cache.has_holes else cache.mask(None, cur_t, a.dtype, additive)
+        unmasked = not pend and not cache.needs_mask(len(slots), slots[0], additive)
+        shared_mask = None if cache.has_holes or unmasked else cache.mask(None, cur_t, a.dtype, additive)
 
         exits = None
         if plan.eval_layers:
@@ -89,7 +90,7 @@ class Engine:
                 pend.hidden[:, active] = out[:, : len(active)]
                 hidden = out[:, len(active):]
             else:
-                mask = shared_mask if shared_mask is not None else cache.mask(l, cur_t, a.dtype, additive)
+                mask = shared_mask if shared_mask is not None or unmasked else cache.mask(l, cur_t, a.dtype, additive)
                 k = len(all_slots) - len(slots)
                 hidden = a.layer(l, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
                                  cache.view(cur_t, contiguous))
@@ -165,6 +166,7 @@ class Engine:
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
         self.cache = KVCache(a.shape, B, max_length, a.dtype, device)
+        self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
         self.host_syncs = 0
         self.policy.reset(B, max_length - P)

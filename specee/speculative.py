@@ -196,6 +196,7 @@ class SelfSpeculativeDecoder:
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
         eng.cache = KVCache(a.shape, B, P + max_new * (K_max + 1) + K_max + 2, a.dtype, device)
+        eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)
 
@@ -312,6 +313,7 @@ class SelfSpeculativeDecoder:
         """Slot j of the round holds draft j: it stays iff that draft was emitted and is not the row's last
         token (a stop may cut a row inside its accepted drafts); finished rows only fed padding."""
         valid = self.engine.cache.token_valid
+        self.engine.cache.all_valid = False  # rejected drafts leave masked slots behind
         valid[:, slots[0]] &= active
         for j in range(1, len(slots)):
             valid[:, slots[j]] &= appended > j
