@@ -53,14 +53,32 @@ def speculative_table(doc):
     return lines
 
 
-RENDER = {"e2e": e2e_table, "self_speculative": speculative_table}
+def ops_table(doc):
+    cases = {}
+    for r in doc["rows"]:
+        cases.setdefault((r["op"], r["case"]), {})[r["provider"]] = r
+    providers = sorted({r["provider"] for r in doc["rows"]}, key=lambda p: (p != "eager", p != "compiled", p))
+    lines = [f"**Op microbenchmarks** (median µs; copy bandwidth {doc['copy_bandwidth_GB_s']:.1f} GB/s). "
+             + _meta_line(doc["meta"]), "",
+             "| op | case | " + " | ".join(providers) + " | best backend vs eager |",
+             "|---|---|" + "---|" * (len(providers) + 1)]
+    for (op, case), rows in cases.items():
+        best = min((r for p, r in rows.items() if p not in ("eager", "compiled")), key=lambda r: r["median_us"],
+                   default=None)
+        speed = f"{best['speedup_vs_eager']:.1f}x ({best['provider']})" if best else "—"
+        lines.append(f"| {op} | {case} | " + " | ".join(_fmt(rows[p]["median_us"], ".0f") if p in rows else "—"
+                                                        for p in providers) + f" | {speed} |")
+    return lines
+
+
+RENDER = {"e2e": e2e_table, "self_speculative": speculative_table, "ops": ops_table}
 
 
 def render():
     out = []
     for path in sorted((HERE / "results").glob("*.json")):
         doc = json.loads(path.read_text())
-        fn = RENDER.get(doc.get("benchmark"))
+        fn = RENDER.get(doc.get("benchmark") or ("ops" if "bytes_models" in doc else None))
         if fn is None:
             out += [f"- `{path.relative_to(HERE)}`: {doc.get('benchmark', 'results')} (see the file)", ""]
             continue
