@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/_softmax.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/ones_like.h>
 #include <ATen/ops/where.h>
@@ -217,13 +218,16 @@ std::tuple<Tensor, Tensor> verify_sample_cpu(const Tensor& draft, const Tensor& 
                   " is not a token id in [0, ", V, ") (num_draft[", b, "] = ", n[b], ")");
   // NOTE: target_probs come from at::_softmax, the kernel the reference runs, on the same fp32 input
   // (logits / temperature, a correctly rounded division), so both see bitwise-equal probabilities.
-  const Tensor logits = f32(target_logits);
+  // Greedy rows divide by 1, so `scaled` also holds their fp32 logits for the argmax. bf16/fp16 logits are
+  // widened inside the division (type promotion), exactly as the reference's .float() does.
   const Tensor safe_temp = at::where(temp.le(0), at::ones_like(temp), temp);
-  const Tensor target_probs = at::_softmax(logits.div(safe_temp.view({B, 1, 1})), -1, false).contiguous();
+  const Tensor scaled = at::div(target_logits.contiguous(), safe_temp.view({B, 1, 1})).contiguous();
+  TORCH_CHECK(scaled.scalar_type() == at::kFloat, "internal: scaled logits must be fp32");
+  const Tensor target_probs = at::_softmax(scaled, -1, false).contiguous();
   Tensor out = at::empty({B, K + 1}, draft.options());
   Tensor num_emitted = at::empty({B}, draft.options());
   auto run = [&](auto* dp_ptr) {
-    specee::cpu::VerifySample(d, n, dp_ptr, logits.const_data_ptr<float>(), target_probs.const_data_ptr<float>(),
+    specee::cpu::VerifySample(d, n, dp_ptr, scaled.const_data_ptr<float>(), target_probs.const_data_ptr<float>(),
                               temp.const_data_ptr<float>(), seed_v, offset_v, B, K, V,
                               out.mutable_data_ptr<int64_t>(), num_emitted.mutable_data_ptr<int64_t>());
   };

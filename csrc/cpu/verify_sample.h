@@ -38,19 +38,17 @@ inline std::pair<float, float> PhiloxUniforms(uint64_t seed, uint64_t offset, in
 }
 
 // sample(w, u): first i with sequential-fp32 cdf_i > u * cdf_{V-1}, else the last i with w_i > 0 (-1 if none).
-template <typename W>
-inline int64_t SampleInverseCdf(const W& w, int64_t V, float u) {
+inline int64_t SampleInverseCdf(const float* w, int64_t V, float u) {
   float total = 0.f;
   int64_t last_positive = kPlaceholderTokenId;
   for (int64_t i = 0; i < V; ++i) {
-    const float wi = w(i);
-    total += wi;
-    if (wi > 0.f) last_positive = i;
+    total += w[i];
+    if (w[i] > 0.f) last_positive = i;
   }
   const float threshold = u * total;
   float cdf = 0.f;
   for (int64_t i = 0; i < V; ++i) {
-    cdf += w(i);
+    cdf += w[i];
     if (cdf > threshold) return i;
   }
   return last_positive;
@@ -60,7 +58,7 @@ template <typename TD>
 void VerifySample(const int64_t* draft,         // [B, K], drafts at j < num_draft[b] are in [0, V)
                   const int64_t* num_draft,     // [B]
                   const TD* draft_probs,        // [B, K, V] or nullptr (one-hot drafts)
-                  const float* target_logits,   // [B, K+1, V] fp32 (argmax of greedy rows)
+                  const float* target_logits,   // [B, K+1, V] fp32, read for greedy rows only (argmax)
                   const float* target_probs,    // [B, K+1, V] softmax(logits / temperature), fp32
                   const float* temperature,     // [B]
                   uint64_t seed, uint64_t offset,
@@ -68,6 +66,7 @@ void VerifySample(const int64_t* draft,         // [B, K], drafts at j < num_dra
                   int64_t* out,                 // [B, K+1]
                   int64_t* num_emitted) {       // [B]
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> w(V);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t nd = std::clamp<int64_t>(num_draft[b], 0, K);
       const bool greedy = temperature[b] <= 0.f;
@@ -93,17 +92,29 @@ void VerifySample(const int64_t* draft,         // [B, K], drafts at j < num_dra
         if (!(u * draft_at(n, x) < target_at(n, x))) break;
         o[n] = x;
       }
-      const float u = PhiloxUniforms(seed, offset, b, n).second;
-      int64_t token;
-      auto target_row = [&](int64_t i) { return target_at(n, i); };
-      if (n == nd) {
-        token = SampleInverseCdf(target_row, V, u);  // bonus token
-      } else {
-        auto residual = [&](int64_t i) { return std::max(0.f, target_at(n, i) - draft_at(n, i)); };
-        bool has_mass = false;
-        for (int64_t i = 0; i < V && !has_mass; ++i) has_mass = residual(i) > 0.f;
-        token = has_mass ? SampleInverseCdf(residual, V, u) : SampleInverseCdf(target_row, V, u);
+      // Weights of the emitted token in `w`: target_probs[n] (bonus), or the residual, or target_probs[n]
+      // again when the residual has no mass. Same fp32 operations as the reference, so the same bits.
+      auto load_target = [&] {
+        if (greedy) {
+          std::fill(w.begin(), w.end(), 0.f);
+          w[argmax_row(target_logits + (b * (K + 1) + n) * V, V).second] = 1.f;
+        } else {
+          const float* tp = target_probs + (b * (K + 1) + n) * V;
+          std::copy(tp, tp + V, w.begin());
+        }
+      };
+      load_target();
+      if (n < nd) {
+        if (draft_probs != nullptr) {
+          const TD* dp = draft_probs + (b * K + n) * V;
+          for (int64_t i = 0; i < V; ++i) w[i] = std::max(0.f, w[i] - static_cast<float>(dp[i]));
+        } else {
+          const int64_t x = draft[b * K + n];  // one-hot draft: only token x loses mass
+          w[x] = std::max(0.f, w[x] - 1.f);
+        }
+        if (std::none_of(w.begin(), w.end(), [](float v) { return v > 0.f; })) load_target();
       }
+      const int64_t token = SampleInverseCdf(w.data(), V, PhiloxUniforms(seed, offset, b, n).second);
       o[n] = token;
       for (int64_t i = n + 1; i <= K; ++i) o[i] = kPlaceholderTokenId;
       num_emitted[b] = n + 1;
