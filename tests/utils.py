@@ -78,6 +78,8 @@ def param(*values, big=False, id=None):
 def maybe_compile(fn):
     """`fn` under torch.compile(fullgraph=True) when SPECEE_TEST_COMPILE=1 (STYLE.md §12), else `fn`."""
     if os.environ.get("SPECEE_TEST_COMPILE") == "1":
+        # NOTE: every shape of the grid compiles once (dynamic=False), so the per-code limit must be lifted.
+        torch._dynamo.config.recompile_limit = 4096
         return torch.compile(lambda *args: fn(*args), fullgraph=True, dynamic=False)
     return fn
 
