@@ -68,16 +68,23 @@ DEFAULT_CONFIGS = {
 
 
 class TimingStreamer(BaseStreamer):
-    """Records when each decoding step's tokens arrive; the first put is transformers' prompt."""
+    """Records when tokens arrive and how many per put (a speculative round emits several); the first
+    put is transformers' prompt."""
 
-    def __init__(self):
-        self.times, self.prompt_seen = [], False
+    def __init__(self, batch_size):
+        self.batch_size = batch_size
+        self.times, self.counts, self.prompt_seen = [], [], False
 
     def put(self, value):
         if not self.prompt_seen:
             self.prompt_seen = True
             return
         self.times.append(time.perf_counter())
+        self.counts.append(max(1, value.numel() // self.batch_size))  # tokens per row in this put
+
+    def per_token_latencies(self):
+        """Seconds per token between consecutive puts, spread over the tokens a put delivered."""
+        return [(b - a) / n for a, b, n in zip(self.times, self.times[1:], self.counts[1:])]
 
     def end(self):
         pass
@@ -110,7 +117,7 @@ class MethodStats:
 
 
 def _decode(model, ids, mask, method, cfg, n, stream):
-    streamer = TimingStreamer() if stream else None
+    streamer = TimingStreamer(ids.shape[0]) if stream else None
     kw = dict(max_new_tokens=n, do_sample=False, streamer=streamer)
     t0 = time.perf_counter()
     if method == "hf":
@@ -180,7 +187,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
                 s.rows += len(group)
                 if streamer is not None and streamer.times:
                     s.ttft.append(streamer.times[0] - t0)
-                    s.latencies += [b - a for a, b in zip(streamer.times, streamer.times[1:])]
+                    s.latencies += streamer.per_token_latencies()
                 for b, r in enumerate(rows[m]):
                     s.exit_layers += exits[b, : len(r)].tolist() if exits is not None else [L] * len(r)
                 if bs == 1:
