@@ -40,7 +40,7 @@ def check(outputs, args, dtype, d):
 @pytest.mark.parametrize("d", [576, 4096])
 @pytest.mark.parametrize("B", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])   # the reference is the expectation itself
 def test_matches_reference(backend, dtype, B, d, k, H=64):
     fn, device = impl_or_skip(OP, backend)
     if interpreted(backend) and (B > 3 or d == 4096):

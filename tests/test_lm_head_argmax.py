@@ -41,7 +41,7 @@ def check_argmax(token, hidden, head, dtype, name="token"):
 @pytest.mark.parametrize("d, V", SHAPES)
 @pytest.mark.parametrize("B", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])   # the reference is the expectation itself
 def test_matches_reference(backend, dtype, B, d, V):
     fn, device = impl_or_skip(OP, backend)
     if interpreted(backend) and (B > 3 or V > 129 or (d > 576 and dtype != torch.float32)):

@@ -320,6 +320,8 @@ def test_matches_reference(backend, dtype, B, K, V, with_probs):
     fn, device = impl_or_skip(OP, backend)
     if interpreted(backend) and (B > 3 or K > 4 or V > 1025 or dtype != torch.float32):
         pytest.skip("Triton interpreter: small shapes only")
+    if dtype != torch.float32 and K != 4:
+        pytest.skip("fp16/bf16 logits: K = 4 only (the dtype only changes the logits' conversion)")
     args = make_case(B, K, V, dtype, with_probs, seed=B + K + V, device=device)
     with NoHostSync(device):
         out, n_emit = maybe_compile(fn)(*args)
