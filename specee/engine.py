@@ -219,8 +219,8 @@ class Engine:
                 step_exit = torch.where(done & (exits["layer"] > 0), exits["layer"], step_exit)
             if self.mode != "skipdecode":
                 self._fill_holes(hidden, slot, reached)
-            elif reached < L:
-                self.cache.has_holes = True
+            # skipdecode leaves holes too, but its depth only shrinks: a later token runs a subset of
+            # an earlier token's layers, so it never meets a hole and attention needs no hole mask.
             if self.kv_policy == "monotone":
                 max_depth = reached
             self.policy.observe(step_exit)

@@ -236,7 +236,7 @@ class SelfSpeculativeDecoder:
                     accept_hist[n_emit_host[b] - 1] += 1
             appended = self._emit(out_tokens, n_emit, seqs, lengths, unfinished, exit_rec, [e] * (K + 1),
                                   stopping_criteria, max_new + P, streamer)
-            self._rollback(slots, active, torch.tensor(appended, device=device))
+            self._rollback(slots, active, appended)
             idx = (n_emit - 1).clamp(min=0)[:, None]
             last = torch.where(active, out_tokens.gather(1, idx)[:, 0], torch.full_like(last, pad))
             next_pos = next_pos + n_emit
@@ -312,11 +312,14 @@ class SelfSpeculativeDecoder:
     def _rollback(self, slots, active, appended):
         """Slot j of the round holds draft j: it stays iff that draft was emitted and is not the row's last
         token (a stop may cut a row inside its accepted drafts); finished rows only fed padding."""
-        valid = self.engine.cache.token_valid
-        self.engine.cache.all_valid = False  # rejected drafts leave masked slots behind
-        valid[:, slots[0]] &= active
+        cache = self.engine.cache
+        if all(n >= len(slots) for n in appended):
+            return  # every row kept every fed position: nothing to mask, attention stays unmasked
+        cache.all_valid = False
+        kept = torch.tensor(appended, device=active.device)
+        cache.token_valid[:, slots[0]] &= active
         for j in range(1, len(slots)):
-            valid[:, slots[j]] &= appended > j
+            cache.token_valid[:, slots[j]] &= kept > j
 
     def _append(self, pos):
         cache = self.engine.cache

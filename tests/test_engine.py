@@ -223,3 +223,26 @@ def test_skip_leaves_holes_that_later_tokens_do_not_see():
     engine2._fill_holes = poison.__get__(engine2)
     res2 = _decode(model, engine2, ids, mask, 3)
     assert torch.equal(res.sequences, res2.sequences)
+
+
+def test_skipdecode_needs_no_hole_mask():
+    """Monotone depth: masking holes changes nothing, so the engine skips the mask."""
+    model = make_tiny("llama", num_hidden_layers=6)
+    ids, mask = left_padded_batch([5, 8])
+    kw = dict(mode="skipdecode", max_new_tokens=14, exit_config=dict(min_layers=2))
+    out = specee.generate(model, ids, mask, **kw)
+    orig = Engine._fill_holes
+
+    def masked(self, hidden, slot, reached):
+        self.cache.has_holes = True  # force the per-layer presence masks
+        orig(self, hidden, slot, reached)
+
+    Engine._fill_holes = masked
+    try:
+        engine = Engine(model, "skipdecode", dict(min_layers=2))
+        engine.mode = "skipdecode-masked"  # route through _fill_holes, which marks holes
+        res = _decode(model, engine, ids, mask, 14)
+    finally:
+        Engine._fill_holes = orig
+    assert engine.cache.has_holes
+    assert torch.equal(res.sequences, out)
