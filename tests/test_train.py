@@ -97,6 +97,17 @@ def test_layer_selection_follows_the_oracle_distribution():
     assert always == [10, 12, 20]
     layers, _, _ = select_layers(oracle, 30, first_layer=3, num_always=2, min_layer=5)
     assert layers[0] == 5 and int(hist[12]) == 50
+    agree = torch.linspace(0, 1, 30)  # fraction of tokens whose layer-l argmax is already the final one
+    layers, _, _ = select_layers(oracle, 30, num_always=2, agree=agree, min_agree=0.3)
+    assert layers[0] == 9, "from the first layer agreeing with the final argmax on 30% of tokens"
+
+
+def test_cli_train_arguments():
+    from specee.cli import build_parser
+
+    args = build_parser().parse_args(["train", "--prompts", "a.jsonl[0::2]", "b.jsonl", "--out", "x",
+                                      "--target-precision", "0.95", "--draft", "hybrid"])
+    assert args.prompts == ["a.jsonl[0::2]", "b.jsonl"] and args.target_precision == 0.95 and args.k == 4
 
 
 def _hand_data(final, argmax, cands, seq):
