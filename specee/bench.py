@@ -232,7 +232,7 @@ def plot_bench(doc, out_dir):
     res, L = doc["results"], doc["num_layers"]
     first = res[next(iter(res))]
     paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.2))
     cats = sorted({c for r in first.values() for c in r["tokens_per_s_by_category"]})
     hf = first["hf"]["tokens_per_s_by_category"]
     w = 0.8 / max(1, len(first))
@@ -258,6 +258,16 @@ def plot_bench(doc, out_dir):
     axes[2].set_xlabel("exit layer (layers run)")
     axes[2].set_ylabel("fraction of tokens")
     axes[2].legend(fontsize=7)
+    for m, r in first.items():  # the trade-off: speedup against fidelity, beside the oracle bound
+        full_tps = first["full"]["tokens_per_s"]
+        axes[3].scatter(r["token_agreement"], r["tokens_per_s"] / full_tps)
+        axes[3].annotate(m, (r["token_agreement"], r["tokens_per_s"] / full_tps), fontsize=7,
+                         textcoords="offset points", xytext=(4, 3))
+    axes[3].axhline(doc["oracle"]["speedup_bound_vs_full"], c="gray", ls="--", lw=1, label="oracle bound")
+    axes[3].set_xlabel("token agreement with full (greedy)")
+    axes[3].set_ylabel("speedup over specee full")
+    axes[3].set_xlim(0, 1.05)
+    axes[3].legend(fontsize=7)
     fig.tight_layout()
     p = out_dir / "bench_modes.png"
     fig.savefig(p, dpi=110)
