@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections import deque
 from importlib import resources
 from pathlib import Path
@@ -221,8 +222,17 @@ class PredictorBank:
         n-gram source needs them; the hook reads them where the engine already sends them.
         """
         self.detach()
-        emb = model.get_input_embeddings()
-        self._tap = emb.register_forward_hook(lambda mod, args, out: self._feed(args[0]))
+        bank = weakref.ref(self)  # the hook must not keep a discarded bank (and its tables) alive
+
+        def tap(module, args, out):
+            b = bank()
+            if b is None:
+                handle.remove()
+            else:
+                b._feed(args[0])
+
+        handle = model.get_input_embeddings().register_forward_hook(tap)
+        self._tap = handle
         return self
 
     def detach(self):

@@ -18,6 +18,7 @@
    conservative member that reaches it, and reports its certified precision.
 
 Prompts are split by sequence into train (70%), validation (10%) and calibration (20%), seeded.
+Collection lives in ``specee.collect``, calibration and the decode-loop simulation in ``specee.calibrate``.
 """
 from __future__ import annotations
 
@@ -31,6 +32,10 @@ from pathlib import Path
 
 import torch
 
+from .calibrate import (binom_cdf, ltt_select, measure_costs, oracle_bound, precision_lower_bound,  # noqa: F401
+                        simulate, summarize, thresholds_for_precision)
+from .collect import (_progress, candidates_and_logits, collect_chunks, generate_chunks, oracle_exits,  # noqa: F401
+                      propose_sequence, split_sequences, subset, teacher_forced)
 from .drafts import (DRAFT_TYPES, DraftSource, HybridSource, NGramSource, ProbeSource, frequent_tokens,
                      recall_at_k, successor_table)
 from .models import DecoderAdapter
@@ -94,68 +99,6 @@ def load_prompt_specs(specs) -> list[str]:
     return out
 
 
-def _progress(iterable, **kw):
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, **kw)
-
-
-# --------------------------------------------------------------------------------------------- 1. generate
-def _encode_ids(rows: list[list[int]], pad: int):
-    """Left-pad token-id prompts: -> input_ids, attention_mask [B, P]."""
-    P = max(len(r) for r in rows)
-    ids = torch.full((len(rows), P), pad, dtype=torch.long)
-    mask = torch.zeros(len(rows), P, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, P - len(r):] = torch.tensor(r)
-        mask[b, P - len(r):] = 1
-    return ids, mask
-
-
-@torch.no_grad()
-def generate_chunks(model, tokenizer, prompts, work: Path, cfg: TrainConfig) -> list[dict]:
-    """Greedy continuations, one file per chunk of prompts (skipped when present: resumable).
-
-    ``prompts``: texts (encoded with the tokenizer's chat template) or, with ``tokenizer=None``, token-id lists.
-    """
-    from .prompts import encode
-
-    work.mkdir(parents=True, exist_ok=True)
-    n_chunks = math.ceil(len(prompts) / cfg.chunk_prompts)
-    seqs = []
-    gc = model.generation_config
-    eos = tokenizer.eos_token_id if tokenizer is not None else gc.eos_token_id
-    eos = set([eos] if isinstance(eos, int) else (eos or []))
-    pad = tokenizer.pad_token_id if tokenizer is not None else (gc.pad_token_id or 0)
-    for c in _progress(range(n_chunks), desc="specee train: generate", unit="chunk"):
-        path = work / f"gen-{c:05d}.pt"
-        if not path.exists():
-            rows = []
-            chunk = prompts[c * cfg.chunk_prompts:(c + 1) * cfg.chunk_prompts]
-            for i in range(0, len(chunk), cfg.batch_size):
-                batch = chunk[i:i + cfg.batch_size]
-                ids, mask = encode(tokenizer, batch) if tokenizer is not None else _encode_ids(batch, pad)
-                out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), do_sample=False,
-                                     max_new_tokens=cfg.max_new_tokens, pad_token_id=pad)
-                P = ids.shape[1]
-                for b in range(ids.shape[0]):
-                    gen = out[b, P:].tolist()
-                    cut = next((j + 1 for j, t in enumerate(gen) if t in eos), len(gen))
-                    rows.append(dict(prompt=ids[b][mask[b].bool()].tolist(), gen=gen[:cut]))
-            torch.save(rows, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        seqs += torch.load(path)
-    return seqs
-
-
-def split_sequences(n: int, splits, seed: int) -> dict[str, list[int]]:
-    """Seeded split of sequence indices into train / val / calib."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    a = int(round(splits[0] * n))
-    b = a + max(1, int(round(splits[1] * n))) if n >= 3 else a
-    return {"train": sorted(perm[:a]), "val": sorted(perm[a:b]), "calib": sorted(perm[b:])}
-
-
 # ------------------------------------------------------------------------------------------- drafts
 def build_draft(kind: str, seqs: list[dict], vocab_size: int, num_layers: int, cfg: TrainConfig) -> DraftSource:
     """A draft source whose tables (frequent tokens, successors) come from the training generations."""
@@ -171,103 +114,6 @@ def build_draft(kind: str, seqs: list[dict], vocab_size: int, num_layers: int, c
         return ngram
     probe = ProbeSource(probe_layer, cfg.k, freq)
     return probe if kind == "probe" else HybridSource(ngram, probe)
-
-
-def propose_sequence(source: DraftSource, prompt, gen, probe_hidden, adapter) -> torch.Tensor:
-    """Candidates for generated tokens 0..T-1 as decoding would propose them. probe_hidden [T, d] or None."""
-    T = len(gen)
-    source.reset(1)
-    source.feed(torch.tensor([prompt]))
-    ngram = source.ngram if isinstance(source, HybridSource) else source if isinstance(source, NGramSource) else None
-    lookups = []
-    for t in range(T):
-        if ngram is not None:
-            lookups.append(ngram.lookup(0) if isinstance(source, HybridSource) else ngram.candidates(0))
-        source.feed(torch.tensor([[gen[t]]]))
-    if isinstance(source, NGramSource):
-        return torch.tensor(lookups, dtype=torch.long)
-    probe = source.probe if isinstance(source, HybridSource) else source
-    top = probe.topk(adapter.final_norm(probe_hidden), adapter).cpu()
-    if isinstance(source, HybridSource):
-        from .drafts import merge_candidates
-
-        return merge_candidates(lookups, top, source.k)
-    return top
-
-
-# ---------------------------------------------------------------------------------------------- 2. collect
-@torch.no_grad()
-def teacher_forced(model, seq: dict, adapter=None):
-    """Run prompt + generation once at full depth. Returns (hidden [T, L, d] of the states that predict
-    gen[0..T-1], their per-layer normed argmax [T, L])."""
-    a = adapter or DecoderAdapter(model)
-    T, P = len(seq["gen"]), len(seq["prompt"])
-    ids = torch.tensor([seq["prompt"] + seq["gen"]], device=a.device)
-    caps = []
-    hooks = [layer.register_forward_hook(lambda m_, i_, o: caps.append(o[0] if isinstance(o, tuple) else o))
-             for layer in a.layers]
-    try:
-        model.model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    hs = torch.stack([h[0, P - 1:P - 1 + T] for h in caps], 1)  # [T, L, d]
-    normed = a.final_norm(hs)
-    W = a.lm_head.weight
-    argmax = torch.stack([(normed[:, l] @ W.T).argmax(-1) for l in range(a.num_layers)], 1)
-    return hs, argmax
-
-
-@torch.no_grad()
-def candidates_and_logits(source: DraftSource, seq: dict, hs, adapter):
-    """The source's candidates for each generated token and their logits at every layer: [T, k], [T, L, k]."""
-    probe_h = hs[:, source.layer] if source.layer is not None else None
-    cands = propose_sequence(source, seq["prompt"], seq["gen"], probe_h, adapter).to(hs.device)
-    cl = torch.einsum("tld,tkd->tlk", adapter.final_norm(hs).float(), adapter.lm_head.weight[cands].float())
-    return cands, cl
-
-
-@torch.no_grad()
-def collect_chunks(model, seqs, work: Path, draft: DraftSource, cfg: TrainConfig, tag: str) -> dict:
-    """Per generated token (t >= 1: t = 0 comes from the prefill, which never exits): final token,
-    per-layer argmax, candidates and their per-layer logits. One file per chunk; resumable."""
-    a = DecoderAdapter(model)
-    n_chunks = math.ceil(len(seqs) / cfg.chunk_prompts)
-    parts = []
-    for c in _progress(range(n_chunks), desc=f"specee train: collect ({tag})", unit="chunk"):
-        path = work / f"feat-{tag}-{c:05d}.pt"
-        if not path.exists():
-            rows = dict(final=[], argmax=[], cands=[], cand_logits=[], seq=[], pos=[])
-            for s_idx in range(c * cfg.chunk_prompts, min(len(seqs), (c + 1) * cfg.chunk_prompts)):
-                s = seqs[s_idx]
-                T = len(s["gen"])
-                if T < 2:
-                    continue
-                hs, argmax = teacher_forced(model, s, a)
-                cands, cl = candidates_and_logits(draft, s, hs, a)
-                sl = slice(1, T)
-                rows["final"].append(argmax[sl, -1].cpu())
-                rows["argmax"].append(argmax[sl].int().cpu())
-                rows["cands"].append(cands[sl].cpu())
-                rows["cand_logits"].append(cl[sl].cpu())
-                rows["seq"].append(torch.full((T - 1,), s_idx, dtype=torch.int32))
-                rows["pos"].append(torch.arange(1, T, dtype=torch.int32))
-            out = {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in rows.items()}
-            torch.save(out, path.with_suffix(".tmp"))
-            path.with_suffix(".tmp").replace(path)
-        parts.append(torch.load(path))
-    parts = [p for p in parts if p["final"].numel()]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def oracle_exits(data) -> torch.Tensor:
-    """0-based oracle exit layer per token: the first layer whose argmax equals the final one."""
-    return (data["argmax"] == data["final"][:, None].int()).int().argmax(1)
-
-
-def subset(data, seq_ids) -> dict:
-    keep = torch.isin(data["seq"], torch.tensor(seq_ids, dtype=data["seq"].dtype))
-    return {k: v[keep] for k, v in data.items()}
 
 
 # ----------------------------------------------------------------------------------------- 3. layer selection
@@ -393,187 +239,6 @@ def dense_scores(data, layers, weights, k):
             prev = torch.full((N, k), 1.0 / k) if j == 0 else probs[:, j - 1]
             feats, _ = features_from_logits(logits[:, i], prev)
             out[:, i, j] = torch.sigmoid(torch.relu(feats @ w1.T + b1) @ w2 + b2)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- 5. calibrate
-def binom_cdf(x: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= x), exact (log-space sum)."""
-    if n == 0 or x >= n:
-        return 1.0
-    if x < 0:
-        return 0.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(x + 1)]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
-
-
-def precision_lower_bound(errors: int, n: int, delta: float) -> float:
-    """Clopper-Pearson one-sided lower confidence bound on the precision (1 - error rate) at level 1 - delta."""
-    if n == 0:
-        return 0.0
-    lo, hi = 0.0, 1.0  # bisection on the error rate r: largest r with P(Bin(n, r) <= errors) >= delta
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if binom_cdf(errors, n, mid) >= delta:
-            lo = mid
-        else:
-            hi = mid
-    return 1.0 - lo
-
-
-def ltt_select(candidates, target_precision: float, delta: float):
-    """Learn-then-Test fixed-sequence selection.
-
-    ``candidates``: a list, from conservative to aggressive, of (exits, errors) or None for a member
-    that never exits (decided without the calibration data). Hypothesis j: the
-    precision of candidate j is below ``target_precision``; its p-value is P(Bin(exits, 1 - target) <=
-    errors). Reject in order while p <= delta; returns the index of the last rejected one (-1: none),
-    so that P(precision of the choice < target) <= delta.
-    """
-    alpha = 1.0 - target_precision
-    chosen = -1
-    for j, cand in enumerate(candidates):
-        if cand is None:
-            continue  # a member that cannot exit (all thresholds 1.0, known before calibration): no hypothesis
-        n, e = cand
-        if binom_cdf(e, n, alpha) <= delta:
-            chosen = j
-        else:
-            break
-    return chosen
-
-
-def thresholds_for_precision(scores, confirmable, correct, q: float, min_exits: int = 20) -> float:
-    """Lowest threshold t whose exits {score > t, confirmable} have precision >= q (and >= min_exits of them).
-
-    Only cuts between distinct scores are considered, so the exit set is exactly {score > t}. 1.0 if none.
-    """
-    s, c = scores[confirmable], correct[confirmable].float()
-    if len(s) < min_exits:
-        return 1.0
-    order = s.argsort(descending=True)
-    s, c = s[order], c[order]
-    n = torch.arange(1, len(s) + 1)
-    prec = c.cumsum(0) / n
-    nxt = torch.cat([s[1:], s.new_zeros(1)])
-    cut_ok = torch.cat([s[:-1] > s[1:], torch.tensor([True])])  # a strict drop after position j
-    ok = (prec >= q) & (n >= min_exits) & cut_ok
-    idx = torch.nonzero(ok).flatten()
-    if len(idx) == 0:
-        return 1.0
-    return float(nxt[int(idx[-1])])
-
-
-def simulate(data, layers, always, scores, thresholds, window, offsets, confirm="logits", costs=None):
-    """Run the decode loop's exit rule over teacher-forced tokens, sequence by sequence.
-
-    Returns dict(exit [N] 0-based (L-1 = no exit), exited [N], correct [N], evals, fires, cost per token
-    in layer units, speedup over full). ``scores`` from ``dense_scores``.
-    """
-    L = data["argmax"].shape[1]
-    li = {l: i for i, l in enumerate(layers)}
-    th = torch.tensor([thresholds[l] for l in layers])
-    fire_all = scores > th[None, :, None]  # [N, nL, nL+1]
-    am, final, cands = data["argmax"].long(), data["final"].long(), data["cands"]
-    confirmable = (cands[:, None, :] == am[:, :, None]).any(-1)  # [N, L]
-    top_cand = cands.gather(1, data["cand_logits"].argmax(-1))  # [N, L]
-    seq = data["seq"].tolist()
-    N = len(seq)
-    exit_l = torch.full((N,), L - 1, dtype=torch.long)
-    correct = torch.ones(N, dtype=torch.bool)
-    exited = torch.zeros(N, dtype=torch.bool)
-    evals = fires = 0
-    hist, prev_seq = [], None
-    fire_list = fire_all.tolist()
-    conf_l, cor_l, top_l = confirmable.tolist(), (am == final[:, None]).tolist(), (top_cand == final[:, None]).tolist()
-    for i in range(N):
-        if seq[i] != prev_seq:
-            hist, prev_seq = [], seq[i]
-        s = sorted(schedule_rows([hist[-window:] if window else []], always, layers, offsets)[0])
-        prev = 0
-        for l in s:
-            evals += 1
-            if fire_list[i][li[l]][prev]:
-                fires += 1
-                if confirm == "none":
-                    exit_l[i], exited[i], correct[i] = l, True, top_l[i][l]
-                    break
-                if conf_l[i][l]:
-                    exit_l[i], exited[i], correct[i] = l, True, cor_l[i][l]
-                    break
-            prev = li[l] + 1
-        hist.append(int(exit_l[i]))
-    out = dict(exit=exit_l, exited=exited, correct=correct, evals=evals, fires=fires)
-    if costs is not None:
-        head, pred, draft = costs["head"], costs["predictor"], costs.get("draft", 0.0)
-        layers_run = (exit_l + 1).float().sum().item()
-        confirm_heads = 0 if confirm == "none" else fires  # a fire runs the head; at an exit it is the logits
-        final_heads = int((~exited).sum())
-        total = layers_run + evals * pred + confirm_heads * head + final_heads * head + N * draft
-        out["cost"] = total / max(1, N)
-        out["speedup"] = (L + head) / out["cost"] if N else 1.0
-    return out
-
-
-def summarize(sim, L) -> dict:
-    n = int(sim["exited"].sum())
-    err = int((sim["exited"] & ~sim["correct"]).sum())
-    return dict(exit_rate=float(sim["exited"].float().mean()), exits=n, errors=err,
-                precision=(1 - err / n) if n else 1.0, mean_exit_layer=float((sim["exit"] + 1).float().mean()),
-                speedup=sim.get("speedup"), cost_layers=sim.get("cost"))
-
-
-def oracle_bound(oracle: torch.Tensor, L: int, head: float) -> float:
-    """Speedup of exiting every token at its oracle layer with no predictor cost: (L + head) / (mean exit + head)."""
-    return (L + head) / ((oracle + 1).float().mean().item() + head)
-
-
-@torch.no_grad()
-def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, tokens: int = 12) -> dict:
-    """The LM head, one predictor evaluation and the draft, in units of one decoder layer.
-
-    A layer is (one full-mode decode step - one LM head) / L, from specee's own decode loop, so the
-    units are what an exit saves. Medians (head, predictor, draft) and minima (decode) of repeats.
-    """
-    from . import ops
-    from .drafts import source_cost_ms
-    from .generate import generate
-
-    a = DecoderAdapter(model)
-    d, L = a.shape.hidden_size, a.num_layers
-    x = torch.randn(1, d, device=a.device, dtype=a.dtype)
-
-    def med(fn, n=repeats):
-        ts = []
-        for i in range(n + 2):
-            t = time.perf_counter()
-            fn()
-            if i >= 2:
-                ts.append(time.perf_counter() - t)
-        return sorted(ts)[len(ts) // 2]
-
-    ids = torch.arange(3, 11, device=a.device)[None]
-    gen = lambda n: generate(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0,  # noqa: E731
-                             eos_token_id=None, min_new_tokens=n)
-    def once(fn):
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-
-    gen(2)  # warm-up
-    step = min((once(lambda: gen(tokens + 1)) - once(lambda: gen(1))) / tokens for _ in range(3))
-    head = med(lambda: a.logits(x))
-    layer = max(step - head, 1e-9) / L
-    k, H = 4, 128
-    c = torch.zeros(1, k, dtype=torch.long, device=a.device)
-    w = [t.to(a.device) for t in (torch.zeros(H, 3 * k), torch.zeros(H), torch.zeros(H), torch.zeros(1))]
-    prev = torch.full((1, k), 0.25, device=a.device)
-    pred = med(lambda: ops.exit_predict(x, a.norm.weight, a.shape.rms_eps, a.lm_head.weight, c, prev, *w, 0.5))
-    out = dict(layer_ms=1e3 * layer, step_ms=1e3 * step, head=head / layer, predictor=pred / layer)
-    if draft is not None:
-        out["draft"] = source_cost_ms(draft, a, repeats=repeats) / (1e3 * layer)
     return out
 
 

@@ -267,3 +267,16 @@ def test_the_shipped_bank_decodes_the_default_model():
     bank.set_thresholds(1.0)
     assert torch.equal(_gen(model, ids, mask, bank, n=12).sequences, _gen(model, ids, mask, n=12).sequences)
     bank.detach()
+
+
+def test_a_discarded_bank_leaves_no_hook_behind():
+    import gc
+
+    model = make_tiny("llama")
+    emb = model.get_input_embeddings()
+    bank = PredictorBank(random_mlps([1]), 0.5, NGramSource(K)).attach(model)
+    assert len(emb._forward_hooks) == 1
+    del bank
+    gc.collect()
+    model(torch.tensor([[3, 4]]))  # the orphaned hook removes itself on its next call
+    assert len(emb._forward_hooks) == 0

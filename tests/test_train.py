@@ -1,5 +1,6 @@
-"""Training pipeline: calibration's finite-sample promise, layer selection, the schedule's training pairs,
-the decode simulation, and a tiny end-to-end `specee train` on a random model."""
+"""Training pipeline (specee.train, specee.collect, specee.calibrate): calibration's finite-sample promise,
+layer selection, the schedule's training pairs, the decode simulation, and a tiny end-to-end
+`specee train` on a random model."""
 import math
 
 import pytest
@@ -8,9 +9,9 @@ import torch
 import specee
 from conftest import make_tiny
 from specee.predictors import load_predictors
-from specee.train import (TrainConfig, binom_cdf, ltt_select, parse_prompt_spec, precision_lower_bound,
-                          schedule_pairs, select_layers, simulate, split_sequences, thresholds_for_precision,
-                          train_bank)
+from specee.calibrate import binom_cdf, ltt_select, precision_lower_bound, simulate, thresholds_for_precision
+from specee.collect import split_sequences
+from specee.train import TrainConfig, parse_prompt_spec, schedule_pairs, select_layers, train_bank
 
 
 @pytest.fixture(autouse=True, scope="module")
