@@ -297,6 +297,10 @@ def main_bench(args):
     from .demo import load_model
     from .prompts import load_prompts
 
+    if getattr(args, "replay", None):
+        from .replay import main_replay
+
+        return main_replay(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)

@@ -85,6 +85,28 @@ def build_parser():
     be.add_argument("--max-new-tokens", type=int, default=64)
     be.add_argument("--out", default="specee-bench", help="directory for bench.json and the plots")
     be.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    be.add_argument("--peers", nargs="*", default=[], choices=("llama_cpp", "hf_compile"),
+                    help="also measure the peers a user would otherwise pick, in the same run: llama_cpp "
+                    "(llama-cpp-python on the default model's GGUF, same thread count), hf_compile (HF generate, "
+                    "static cache + torch.compile; minutes to compile on a CPU); a missing one is skipped with the "
+                    "reason (pip install 'specee[peers]')")
+    rp = be.add_argument_group("replay", "--replay TRACE: a random-weight model of --shape decodes while its exits "
+                               "follow a trace; achieved speedup vs the ideal the trace allows, host syncs per token")
+    rp.add_argument("--replay", default=None, metavar="TRACE", help="a trace JSON file or a shipped trace: "
+                    "smollm2_spec_bench (oracle exits of the default model), specee_synthetic (SpecEE's published "
+                    "distribution: 66%% exit, mean 25.3 of 32); rescaled to the shape's layer count")
+    rp.add_argument("--shape", default="llama2-7b", help="model shape: llama2-7b, llama2-13b, llama3-8b, "
+                    "smollm2-135m, tiny (default: llama2-7b)")
+    rp.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                    help="default: the shape's (bf16 for the 7B+ shapes)")
+    rp.add_argument("--device", default=None, help="default: cuda when available")
+    rp.add_argument("--schedules", nargs="+", default=["planned", "exit", "all"], choices=("planned", "exit", "all"),
+                    help="how the engine learns of the exit: planned depth, one test at the exit, a test at every "
+                    "layer where the trace exits (early_exit mode's cost)")
+    rp.add_argument("--replay-batch-size", type=int, default=1)
+    rp.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens")
+    rp.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is kept")
+    rp.add_argument("--kv-policy", default="deferred", choices=KV_POLICIES)
     return parser
 
 
