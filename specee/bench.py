@@ -6,6 +6,11 @@ p50/p95/p99 per-token latency and time to first token (from a timing streamer); 
 `full` greedy (token agreement, whole-sequence match); the exit-layer histogram. Once per run: the
 oracle exit bound (each `full` token's first agreeing layer, priced with measured layer and head
 costs). Writes one JSON and PNG plots.
+
+Peers, opt-in (``peers=("llama_cpp", "hf_compile")``), measured in the same loop: llama.cpp
+(llama-cpp-python) on the default model's GGUF with the same thread count, and HF ``generate``
+with a static cache and ``torch.compile`` (:func:`hf_static_compiled`; its compile time is a
+warm-up reported apart). A peer that cannot run is skipped with the reason printed and stored.
 """
 from __future__ import annotations
 
@@ -116,11 +121,127 @@ class MethodStats:
                     tokens_per_s_by_category={k: n / t for k, (n, t) in self.by_category.items()})
 
 
-def _decode(model, ids, mask, method, cfg, n, stream):
+PEERS = ("llama_cpp", "hf_compile")
+
+
+def hf_static_compiled(model, max_cache_len=None, mode=None, fullgraph=True):
+    """HF ``generate`` with a static KV cache and ``torch.compile`` of the decode step: the baseline a user
+    already has. Returns ``fn(input_ids, attention_mask=None, **generate_kwargs)`` (what ``model.generate``
+    returns).
+
+    transformers compiles only on accelerators unless told otherwise; ``_compile_all_devices`` opts the
+    CPU in. The first call compiles (about 2 minutes on a CPU for the default model). With
+    ``max_cache_len`` one ``StaticCache`` per batch size is reused (reset between calls), so prompts of
+    different lengths share one graph; without it transformers sizes a cache per call (a new graph per
+    prompt + new-token length, up to the recompile limit).
+    """
+    from transformers import CompileConfig, StaticCache
+
+    cuda = next(model.parameters()).is_cuda
+    config = CompileConfig(fullgraph=fullgraph, dynamic=False, mode=mode or ("reduce-overhead" if cuda else "default"))
+    config._compile_all_devices = True  # a class flag, not an __init__ argument
+    caches = {}
+
+    def fn(input_ids, attention_mask=None, **kw):
+        if max_cache_len is None:
+            return model.generate(input_ids, attention_mask=attention_mask, cache_implementation="static",
+                                  compile_config=config, **kw)
+        B = input_ids.shape[0]
+        if input_ids.shape[1] + kw.get("max_new_tokens", 0) > max_cache_len:
+            raise ValueError(f"prompt ({input_ids.shape[1]}) + max_new_tokens exceeds max_cache_len={max_cache_len}")
+        cache = caches.get(B)
+        if cache is None:
+            cache = caches[B] = StaticCache(config=model.config, max_cache_len=max_cache_len)
+        else:
+            cache.reset()
+        return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache,
+                              compile_config=config, **kw)
+
+    fn.compile_config = config
+    return fn
+
+
+def llama_cpp_greedy(threads=None, n_ctx=2048, path=None):
+    """llama.cpp (llama-cpp-python) greedy decode on the default model's GGUF (the file transformers
+    de-quantizes), with ``threads`` threads. Returns ``fn(token_ids, max_new_tokens, on_token=None) -> ids``.
+
+    Raises ImportError when llama-cpp-python is missing."""
+    import llama_cpp
+
+    from .default_model import gguf_path
+
+    threads = threads or torch.get_num_threads()
+    llm = llama_cpp.Llama(model_path=str(path or gguf_path()), n_threads=threads, n_threads_batch=threads,
+                          n_ctx=n_ctx, verbose=False)
+    eos = llm.token_eos()
+
+    def fn(token_ids, max_new_tokens, on_token=None):
+        out = []
+        if max_new_tokens <= 0:
+            return out
+        for t in llm.generate(list(token_ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                              reset=True):
+            out.append(int(t))
+            if on_token is not None:
+                on_token(t)
+            if t == eos or len(out) >= max_new_tokens:
+                break
+        return out
+
+    fn.llm, fn.threads = llm, threads
+    return fn
+
+
+def make_peers(model, tokenizer, names, max_cache_len, default_model=True):
+    """The requested peers that can run here, and a reason for each that cannot."""
+    peers, skipped = {}, {}
+    for name in names:
+        if name not in PEERS:
+            skipped[name] = f"unknown peer; choose from {', '.join(PEERS)}"
+        elif name == "hf_compile":
+            peers[name] = hf_static_compiled(model, max_cache_len=max_cache_len)
+        elif next(model.parameters()).is_cuda:
+            skipped[name] = "llama.cpp is the CPU peer (the same GGUF and thread count); on a GPU use hf_compile"
+        elif not default_model:
+            skipped[name] = "llama.cpp runs the default model's GGUF; this run uses another model"
+        else:
+            try:
+                fn = llama_cpp_greedy(torch.get_num_threads())
+            except ImportError:
+                skipped[name] = "llama-cpp-python is not installed (pip install 'specee[peers]')"
+                continue
+            except (FileNotFoundError, ModuleNotFoundError, ValueError, RuntimeError) as e:
+                skipped[name] = f"llama.cpp could not load the GGUF: {e}"
+                continue
+            probe = "Hello, how are you? Translate: Pfandhäuser boomen."
+            fn.tokenizer_match = (fn.llm.tokenize(probe.encode(), add_bos=False, special=False)
+                                  == tokenizer(probe, add_special_tokens=False)["input_ids"])
+            peers[name] = fn
+    for name, why in skipped.items():
+        print(f"specee bench: skipping peer {name}: {why}")
+    return peers, skipped
+
+
+def _decode(model, ids, mask, method, cfg, n, stream, peer=None):
     streamer = TimingStreamer(ids.shape[0]) if stream else None
     kw = dict(max_new_tokens=n, do_sample=False, streamer=streamer)
     t0 = time.perf_counter()
-    if method == "hf":
+    if method == "llama_cpp":
+        if streamer is not None:
+            streamer.put(ids)  # the prompt, as transformers streams it
+        rows = []
+        for b in range(ids.shape[0]):  # llama.cpp decodes one sequence at a time here
+            on_token = (lambda t: streamer.put(torch.tensor([t]))) if streamer is not None else None
+            rows.append(peer(ids[b][mask[b].bool()].tolist(), n, on_token))
+        fill = peer.llm.token_eos()
+        seq = torch.full((ids.shape[0], ids.shape[1] + n), fill, dtype=ids.dtype)
+        seq[:, : ids.shape[1]] = ids
+        for b, r in enumerate(rows):
+            seq[b, ids.shape[1]: ids.shape[1] + len(r)] = torch.tensor(r, dtype=ids.dtype)
+        seq, exits = seq, None
+    elif method == "hf_compile":
+        seq, exits = peer(ids, mask, **kw), None
+    elif method == "hf":
         seq, exits = model.generate(ids, attention_mask=mask, **kw), None
     else:
         out = generate(model, ids, mask, mode=method, exit_config=cfg, return_dict_in_generate=True, **kw)
@@ -157,8 +278,10 @@ def head_cost_ms(model, reps=30):
 
 
 def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidence"), batch_sizes=(1,),
-              max_new_tokens=64, exit_configs=None, progress=True):
-    """Decode ``prompts`` with HF generate and every mode; returns the results dict (see module docstring)."""
+              max_new_tokens=64, exit_configs=None, progress=True, peers=(), default_model=False):
+    """Decode ``prompts`` with HF generate, every mode and the requested ``peers`` (see ``PEERS``);
+    returns the results dict (see module docstring). A peer that cannot run here is skipped, with its
+    reason under ``peers_skipped``."""
     from tqdm.auto import tqdm
 
     L = model.config.num_hidden_layers
@@ -166,20 +289,32 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     methods = list(dict.fromkeys(methods))
     configs = {m: (exit_configs or {}).get(m, DEFAULT_CONFIGS[m](L) if m in DEFAULT_CONFIGS else None)
                for m in methods}
+    longest = max(encode(tokenizer, [p.text])[0].shape[1] for p in prompts)
+    peer_fns, skipped = make_peers(model, tokenizer, list(peers), -(-(longest + max_new_tokens + 8) // 64) * 64,
+                                   default_model)
+    methods += list(peer_fns)
     ids, mask = encode(tokenizer, [prompts[0].text])
     for m in methods:  # warm-up, not timed
-        _decode(model, ids, mask, m, configs[m], 4, False)
-    results, oracle = {}, []
+        if m != "hf_compile":
+            _decode(model, ids, mask, m, configs.get(m), 4, False, peer_fns.get(m))
+    results, oracle, peer_info = {}, [], {}
     for bs in batch_sizes:
         stats = {m: MethodStats() for m in methods}
         groups = list(batches(prompts, bs))
+        if "hf_compile" in peer_fns:  # compiles for this batch size (minutes on a CPU); timed apart
+            w_ids, w_mask = encode(tokenizer, [p.text for p in groups[0]])
+            t = time.perf_counter()
+            _decode(model, w_ids, w_mask, "hf_compile", None, 4, False, peer_fns["hf_compile"])
+            _decode(model, w_ids, w_mask, "hf_compile", None, 4, False, peer_fns["hf_compile"])
+            peer_info.setdefault("hf_compile", {})[f"warmup_s_batch_{bs}"] = time.perf_counter() - t
         for group in tqdm(groups, desc=f"specee bench (batch {bs})", disable=not progress):
             ids, mask = encode(tokenizer, [p.text for p in group])
             P = ids.shape[1]
             rows = {}
             for m in methods:
                 stream = not (m == "self_speculative" and bs > 1)  # speculative rows emit unevenly
-                seq, exits, t0, dt, streamer = _decode(model, ids, mask, m, configs[m], max_new_tokens, stream)
+                seq, exits, t0, dt, streamer = _decode(model, ids, mask, m, configs.get(m), max_new_tokens, stream,
+                                                       peer_fns.get(m))
                 rows[m] = new_tokens(seq, P, tokenizer.eos_token_id)
                 s = stats[m]
                 s.tokens += sum(map(len, rows[m]))
@@ -207,7 +342,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
                     oracle.append(oracle_exits(model, seq, len(row_ids)))
         hf_tps = stats["hf"].tokens / stats["hf"].seconds
         results[f"batch_{bs}"] = {m: dict(s.summary(L), speedup_vs_hf=(s.tokens / s.seconds) / hf_tps,
-                                          exit_config=configs[m]) for m, s in stats.items()}
+                                          exit_config=configs.get(m)) for m, s in stats.items()}
     full = results[f"batch_{batch_sizes[0]}"]["full"]
     head_ms = head_cost_ms(model)
     step_ms = full["latency_ms"]["mean"]  # a decode step, without the prefill that tokens/s includes
@@ -216,7 +351,20 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     layer_ms = (step_ms - head_ms) / L
     o = torch.cat(oracle).float()
     bound = (L * layer_ms + head_ms) / (o.mean().item() * layer_ms + head_ms)
+    if "llama_cpp" in peer_fns:
+        f = peer_fns["llama_cpp"]
+        if not f.tokenizer_match:  # token ids of different vocabularies cannot be compared
+            for rows in results.values():
+                rows["llama_cpp"].update(token_agreement=None, exact_match=None)
+        peer_info["llama_cpp"] = dict(threads=f.threads, tokenizer_match=f.tokenizer_match, weights="Q4_1 GGUF",
+                                      version=getattr(__import__("llama_cpp"), "__version__", None),
+                                      note="the same GGUF file de-quantized to fp32 for the others; rows of a batch "
+                                           "decode one after another")
+    if "hf_compile" in peer_fns:
+        c = peer_fns["hf_compile"].compile_config
+        peer_info["hf_compile"].update(cache="static", compile_mode=c.mode, fullgraph=c.fullgraph)
     return dict(results=results, num_layers=L, max_new_tokens=max_new_tokens, num_prompts=len(prompts),
+                peers=peer_info, peers_skipped=skipped,
                 oracle=dict(mean_exit_layer=o.mean().item(), layer_ms=layer_ms, head_ms=head_ms,
                             speedup_bound_vs_full=bound,
                             histogram=torch.bincount(o.long(), minlength=L + 1).tolist()))
@@ -260,6 +408,8 @@ def plot_bench(doc, out_dir):
     axes[2].legend(fontsize=7)
     for m, r in first.items():  # the trade-off: speedup against fidelity, beside the oracle bound
         full_tps = first["full"]["tokens_per_s"]
+        if r["token_agreement"] is None:
+            continue
         axes[3].scatter(r["token_agreement"], r["tokens_per_s"] / full_tps)
         axes[3].annotate(m, (r["token_agreement"], r["tokens_per_s"] / full_tps), fontsize=7,
                          textcoords="offset points", xytext=(4, 3))
@@ -306,7 +456,8 @@ def main_bench(args):
     model, tok = load_model(args.model)
     prompts = load_prompts(args.prompts, args.num_prompts)
     doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
-                    max_new_tokens=args.max_new_tokens)
+                    max_new_tokens=args.max_new_tokens, peers=getattr(args, "peers", None) or (),
+                    default_model=args.model is None)
     doc = dict(meta=run_metadata(), benchmark="specee_bench", model=args.model or "SmolLM2-135M-Instruct",
                prompts=args.prompts or "specee/data/demo_prompts.jsonl", **doc)
     out = Path(args.out)
@@ -324,9 +475,13 @@ def summary_table(doc):
                      f"{'p99 ms':>8}{'ttft ms':>8}{'exit':>6}")
         for m, r in rows.items():
             ttft = f"{r['ttft_ms']:8.1f}" if r["ttft_ms"] is not None else f"{'—':>8}"
+            agree = f"{r['token_agreement']:8.1%}{r['exact_match']:7.0%}" if r["token_agreement"] is not None \
+                else f"{'—':>8}{'—':>7}"
             lines.append(f"{'':{len(bs) + 2}}{m:<18}{r['tokens_per_s']:8.1f}{r['speedup_vs_hf']:7.2f}"
-                         f"{r['token_agreement']:8.1%}{r['exact_match']:7.0%}{r['latency_ms']['p50']:8.1f}"
+                         f"{agree}{r['latency_ms']['p50']:8.1f}"
                          f"{r['latency_ms']['p99']:8.1f}{ttft}{r['mean_exit_layer']:6.1f}")
+    for name, why in doc.get("peers_skipped", {}).items():
+        lines.append(f"peer {name} skipped: {why}")
     o = doc["oracle"]
     lines.append(f"oracle: mean exit layer {o['mean_exit_layer']:.1f}/{doc['num_layers']}, layer skipping can buy at "
                  f"most {o['speedup_bound_vs_full']:.2f}x over full (layer {o['layer_ms']:.2f} ms, head "

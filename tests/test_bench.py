@@ -2,6 +2,9 @@
 import json
 import math
 
+import pytest
+import torch
+
 from specee import cli
 
 
@@ -31,3 +34,29 @@ def test_specee_bench_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert 1 <= doc["oracle"]["mean_exit_layer"] <= doc["num_layers"]
     assert (out / "bench_modes.png").stat().st_size > 0 and (out / "bench_batch.png").stat().st_size > 0
     assert "oracle" in capsys.readouterr().out
+
+
+def test_missing_peers_are_skipped_with_a_reason(tiny_model_dir, tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--model", tiny_model_dir, "--prompts", str(prompts), "--modes", "full",
+                     "--max-new-tokens", "4", "--peers", "llama_cpp", "--out", str(out)]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert "default model" in doc["peers_skipped"]["llama_cpp"], "llama.cpp runs only the default model's GGUF"
+    assert set(doc["results"]["batch_1"]) == {"hf", "full"}
+    assert "skipping peer llama_cpp" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_hf_static_compiled_equals_generate_and_shares_one_graph(tiny_llama):
+    """transformers' compiled static-cache decode (a peer) is token-identical to eager generate; compiles once
+    (minutes on a loaded CPU, hence slow)."""
+    from specee.bench import hf_static_compiled
+
+    tiny_llama.generation_config.pad_token_id = 0
+    fn = hf_static_compiled(tiny_llama, max_cache_len=64)
+    for P in (5, 9):
+        ids = torch.randint(3, 211, (1, P), generator=torch.Generator().manual_seed(P))
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+        assert torch.equal(fn(ids, **kw), tiny_llama.generate(ids, **kw))
