@@ -30,7 +30,7 @@ class KVCache:
         Slots in use (a host-side int: it is fixed by the schedule, not by device values).
     """
 
-    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device):
+    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False):
         kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
         self.k = torch.zeros(kv, dtype=dtype, device=device)
         self.v = torch.zeros(kv, dtype=dtype, device=device)
@@ -43,6 +43,8 @@ class KVCache:
         self.length = 0
         self.has_holes = False
         self.all_valid = True  # host-side: no padding and no rolled-back slot so far (set by the engine)
+        # static: attention always spans all max_len slots under a mask (fixed shapes for compiled code)
+        self.static = static
 
     def append(self, valid: torch.Tensor, positions: torch.Tensor) -> slice:
         """Reserve the next ``valid.shape[1]`` slots for new tokens; returns their slot range."""
@@ -59,7 +61,7 @@ class KVCache:
         """False when attention needs no mask at all, so transformers' unmasked fast path runs, as in
         ``model.generate`` (which drops an all-ones mask): one query over a cache without padding,
         holes or rollbacks, or an sdpa prefill from slot 0 (sdpa is then causal by itself)."""
-        if not self.all_valid or self.has_holes:
+        if self.static or not self.all_valid or self.has_holes:
             return True
         return not (q == 1 or (not additive and first_slot == 0 and q == self.length))
 
@@ -67,12 +69,13 @@ class KVCache:
         return LayerKV(self, slots, contiguous)
 
     def mask(self, layer: int | None, slots: torch.Tensor, dtype, additive: bool) -> torch.Tensor:
-        """Attention mask [B, 1, q, length] for queries at ``slots`` [q]; ``layer=None`` ignores holes.
+        """Attention mask [B, 1, q, length] (``max_len`` if static) for queries at ``slots`` [q]; ``layer=None``
+        ignores holes.
 
         A query may attend to real tokens at or before its slot that are present at this layer; it
         always sees itself, so padding queries never produce NaN (their outputs are never read).
         """
-        n = self.length
+        n = self.max_len if self.static else self.length
         keys = torch.arange(n, device=slots.device)
         allowed = self.token_valid[:, None, :n] & (keys[None, None, :] <= slots[None, :, None])
         if layer is not None and self.has_holes:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import DeferredQueue, KVCache
-from .models import DecoderAdapter
+from .compiled import make_adapter
 from .policies import ExitConfig, StepPlan, make_policy
 
 
@@ -41,10 +41,12 @@ class Engine:
     mode : str
         ``full``, ``skipdecode``, ``confidence`` or ``early_exit`` (see ``policies``).
     exit_config : ExitConfig or dict, optional
+    compile : bool, str or dict, optional
+        Run layers and head through compiled code (see ``specee.compiled``).
     """
 
-    def __init__(self, model, mode: str = "full", exit_config=None):
-        self.adapter = DecoderAdapter(model)
+    def __init__(self, model, mode: str = "full", exit_config=None, compile=None):
+        self.adapter = make_adapter(model, compile)
         self.config = ExitConfig.coerce(exit_config)
         self.mode = mode
         self.policy = make_policy(mode, self.adapter.num_layers, self.config)
@@ -165,7 +167,7 @@ class Engine:
 
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
-        self.cache = KVCache(a.shape, B, max_length, a.dtype, device)
+        self.cache = KVCache(a.shape, B, max_length, a.dtype, device, static=a.static)
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
         self.host_syncs = 0

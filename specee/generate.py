@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from .compiled import parse_compile
 from .engine import Engine
 from .models import DecoderAdapter
 from .policies import ExitConfig, make_policy
@@ -87,11 +88,11 @@ def _callers_streamer():
     return None
 
 
-def custom_generate(mode: str = "full", exit_config=None):
+def custom_generate(mode: str = "full", exit_config=None, compile=None):
     """A decoding method for ``model.generate(..., custom_generate=...)`` that carries specee's options.
 
     transformers 5 rejects generate kwargs it does not know (``mode=...``), so the options travel in
-    this closure instead.
+    this closure instead. ``compile`` as in :func:`generate`.
 
     Examples
     --------
@@ -112,7 +113,10 @@ def custom_generate(mode: str = "full", exit_config=None):
             streamer = _callers_streamer()
         attention_mask = model_kwargs.get("attention_mask")
         validate_inputs(model, input_ids, attention_mask)
-        engine = SelfSpeculativeDecoder(model, config) if mode == "self_speculative" else Engine(model, mode, config)
+        if mode == "self_speculative":
+            engine = SelfSpeculativeDecoder(model, config, compile=compile)
+        else:
+            engine = Engine(model, mode, config, compile=compile)
         res = engine.decode(input_ids, attention_mask, logits_processor=logits_processor,
                             stopping_criteria=stopping_criteria, generation_config=generation_config,
                             streamer=streamer)
@@ -127,7 +131,8 @@ def custom_generate(mode: str = "full", exit_config=None):
     return specee_decode
 
 
-def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_config=None, **generate_kwargs):
+def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_config=None, compile=None,
+             **generate_kwargs):
     """Generate with early exits; accepts and returns what ``model.generate`` does.
 
     Parameters
@@ -140,6 +145,11 @@ def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_
         ``full`` (token-identical to ``model.generate``), ``skipdecode``, ``confidence`` or ``early_exit``.
     exit_config : ExitConfig or dict, optional
         See :class:`specee.ExitConfig`.
+    compile : bool, str or dict, optional
+        Decode through compiled code (``torch.compile``): one compiled decoder-layer step reused by
+        every layer, over a static KV cache, so exits cause no recompiles. ``True`` uses inductor; a
+        backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``) or ``dict(backend=..., mode=...)``
+        picks another. The first call in a process compiles (see :func:`specee.compiled.warmup`).
     **generate_kwargs
         Anything ``model.generate`` accepts: ``generation_config`` and its fields (``max_new_tokens``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ...), ``logits_processor``,
@@ -157,6 +167,7 @@ def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_
     >>> out.exit_layers.float().mean()
     """
     validate_inputs(model, input_ids, attention_mask, generate_kwargs.get("max_new_tokens"))
+    parse_compile(compile)  # fail early on bad compile options
     num_layers = DecoderAdapter(model).num_layers  # fails early on unsupported models
     if mode == "self_speculative":
         config = SpecConfig.coerce(exit_config, num_layers)
@@ -169,4 +180,4 @@ def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_
     if generate_kwargs.get("max_new_tokens") == 0:
         return input_ids
     return model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                          custom_generate=custom_generate(mode, config), **generate_kwargs)
+                          custom_generate=custom_generate(mode, config, compile), **generate_kwargs)

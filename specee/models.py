@@ -35,6 +35,8 @@ class DecoderAdapter:
         A ``LlamaForCausalLM``, ``MistralForCausalLM`` or ``Qwen2ForCausalLM`` (tied or untied head, GQA).
     """
 
+    static = False  # True for compiled.CompiledAdapter: needs a static cache and full-length masks
+
     def __init__(self, model):
         name = type(model).__name__
         if name not in SUPPORTED_ARCHITECTURES:

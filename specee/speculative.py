@@ -145,8 +145,8 @@ def _head_cost_layers(adapter):
 class SelfSpeculativeDecoder:
     """Decodes with early-exit drafts verified by the remaining layers; exact (greedy) or lossless (sampling)."""
 
-    def __init__(self, model, config=None):
-        self.engine = Engine(model, "full")
+    def __init__(self, model, config=None, compile=None):
+        self.engine = Engine(model, "full", compile=compile)
         self.adapter = self.engine.adapter
         self.cfg = SpecConfig.coerce(config, self.adapter.num_layers)
         h = self.cfg.head_cost_layers if self.cfg.head_cost_layers is not None else _head_cost_layers(self.adapter)
@@ -195,7 +195,7 @@ class SelfSpeculativeDecoder:
         max_new = gc.max_length - P
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
-        eng.cache = KVCache(a.shape, B, P + max_new * (K_max + 1) + K_max + 2, a.dtype, device)
+        eng.cache = KVCache(a.shape, B, P + max_new * (K_max + 1) + K_max + 2, a.dtype, device, static=a.static)
         eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)

@@ -1,0 +1,256 @@
+"""Compiled decode: one compiled decoder-layer step serves every layer, so exits cost no recompiles.
+
+``torch.compile`` of a whole model forward bakes the layer count into the graph; an exit then means
+a graph break or a second graph per depth. Instead we compile a functional decoder layer (gpt-fast
+style) whose weights are *inputs*: every layer of a model has the same shapes, so the 30 layers of
+SmolLM2 share one graph, and the engine chooses the exit between calls. The KV cache is static
+([batch, kv_heads, max_len, head_dim] per layer, written by slot with ``index_copy_``) and attention
+always spans all ``max_len`` slots under a boolean mask, so a step has the same shapes whatever the
+sequence length, the exit layer or the holes. Shapes that legitimately vary (batch size, cache
+length, several queries per call for prefill, deferred fills and speculative verification) are
+marked dynamic the first time they are seen, so each compiles once per process.
+
+The arithmetic is transformers' Llama/Mistral/Qwen2 decoder layer op for op (RMSNorm in fp32,
+rotate-half RoPE, SDPA, SwiGLU); grouped-query attention packs the query heads of a KV head
+together instead of repeating K/V (transformers' ``pack_gqa``). Compiled kernels round differently
+from eager ones, so outputs match eager to rounding, not bit for bit.
+
+Inductor's compiled artifacts are cached on disk (``$SPECEE_CACHE/inductor`` unless
+``TORCHINDUCTOR_CACHE_DIR`` is set), so a second process skips code generation; dynamo still traces
+once per process (a few seconds).
+"""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .models import DecoderAdapter
+
+_ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
+                "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+_BACKENDS = ("inductor", "aot_eager", "eager")
+_COMPILED: dict = {}          # (function name, backend, mode) -> compiled callable, shared by every engine
+COMPILE_SECONDS = {"total": 0.0, "graphs": 0}
+
+
+def rms_norm(x, weight, eps: float):
+    """transformers' LlamaRMSNorm: normalise in fp32, scale in the input dtype."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def layer_step(x, w, k_cache, v_cache, present, slots, cos, sin, mask, eps: float, num_heads: int,
+               num_kv_heads: int, head_dim: int, scale: float, act: str):
+    """One decoder layer over queries x [B, q, d] at cache ``slots`` [q]; writes their K/V and presence.
+
+    w: (ln1, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2, gate_w, gate_b, up_w, up_b, down_w, down_b),
+    biases None where the model has none. k_cache/v_cache [B, Hkv, S, D]; present [S] bool;
+    cos/sin [B, q, D]; mask [B, 1, q, S] bool (True = attend). Returns x after the layer.
+    """
+    ln1, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2, g_w, g_b, u_w, u_b, d_w, d_b = w
+    B, q, _ = x.shape
+    rep = num_heads // num_kv_heads
+    h = rms_norm(x, ln1, eps)
+    qs = F.linear(h, q_w, q_b).view(B, q, num_heads, head_dim).transpose(1, 2)
+    ks = F.linear(h, k_w, k_b).view(B, q, num_kv_heads, head_dim).transpose(1, 2)
+    vs = F.linear(h, v_w, v_b).view(B, q, num_kv_heads, head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    qs = qs * cos + _rotate_half(qs) * sin
+    ks = ks * cos + _rotate_half(ks) * sin
+    k_cache.index_copy_(2, slots, ks)
+    v_cache.index_copy_(2, slots, vs)
+    present.index_fill_(0, slots, True)
+    # Query heads h = kv * rep + r share KV head kv: pack them as rep * q queries of that KV head.
+    packed = qs.reshape(B, num_kv_heads, rep * q, head_dim)
+    out = F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=mask.repeat(1, 1, rep, 1), scale=scale)
+    out = out.reshape(B, num_heads, q, head_dim).transpose(1, 2).reshape(B, q, num_heads * head_dim)
+    x = x + F.linear(out, o_w, o_b)
+    h = rms_norm(x, ln2, eps)
+    return x + F.linear(_ACTIVATIONS[act](F.linear(h, g_w, g_b)) * F.linear(h, u_w, u_b), d_w, d_b)
+
+
+def head_step(hidden, norm_w, head_w, eps: float):
+    """Final norm and LM head: fp32 logits of hidden [..., d]."""
+    return F.linear(rms_norm(hidden, norm_w, eps), head_w).float()
+
+
+def parse_compile(value) -> dict | None:
+    """``compile=`` of generate(): False/None, True (inductor), a backend name, or a dict(backend=, mode=)."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        opts = {"backend": "inductor", "mode": None}
+    elif isinstance(value, str):
+        opts = {"backend": value, "mode": None}
+    elif isinstance(value, dict):
+        unknown = set(value) - {"backend", "mode"}
+        if unknown:
+            raise ValueError(f"unknown compile options {sorted(unknown)}; give compile=dict(backend=..., mode=...).")
+        opts = {"backend": value.get("backend", "inductor"), "mode": value.get("mode")}
+    else:
+        raise TypeError(f"compile must be a bool, a backend name or a dict, got {type(value).__name__}.")
+    if opts["backend"] not in _BACKENDS:
+        raise ValueError(f"unknown compile backend {opts['backend']!r}; choose one of {', '.join(_BACKENDS)}.")
+    if opts["mode"] not in (None, "default", "max-autotune-no-cudagraphs"):
+        raise ValueError(
+            f"compile mode {opts['mode']!r} is not supported: torch's CUDA-graph modes ('reduce-overhead', "
+            "'max-autotune') re-record a graph whenever the weight inputs change, which is every layer here; "
+            "use the default mode.")
+    return opts
+
+
+def _timed_backend(backend: str, mode):
+    """Wrap a dynamo backend so the seconds spent compiling graphs are counted apart from decoding."""
+    if backend == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        inner = partial(compile_fx, config_patches=patches) if patches else compile_fx
+    else:
+        from torch._dynamo.backends.registry import lookup_backend
+
+        inner = lookup_backend(backend)
+
+    def compile_graph(gm, example_inputs):
+        t = time.perf_counter()
+        out = inner(gm, example_inputs)
+        COMPILE_SECONDS["total"] += time.perf_counter() - t
+        COMPILE_SECONDS["graphs"] += 1
+        return out
+
+    return compile_graph
+
+
+def _compiled(fn, opts):
+    key = (fn.__name__, opts["backend"], opts["mode"])
+    if key not in _COMPILED:
+        _use_disk_cache()
+        # Each model shape (and batch 1 / batch > 1, one / several queries) is a graph of the same function;
+        # torch's default of 8 graphs per function is too few for a process that serves several models.
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+        _COMPILED[key] = torch.compile(fn, backend=_timed_backend(opts["backend"], opts["mode"]), fullgraph=True)
+    return _COMPILED[key]
+
+
+def _use_disk_cache():
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        root = Path(os.environ.get("SPECEE_CACHE", Path.home() / ".cache" / "specee"))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+
+
+def _unsupported(model) -> str | None:
+    act = getattr(model.config, "hidden_act", "silu")
+    if act not in _ACTIVATIONS:
+        return f"the activation {act!r} (supported: {', '.join(_ACTIVATIONS)})"
+    return None
+
+
+def _dynamic_dims(x, k_cache, v_cache, present, slots, cos, sin, mask):
+    """Mark the sizes that vary between calls dynamic (once compiled, every later size reuses the graph).
+    Size-1 dims stay static (torch specializes them), so q = 1 and batch 1 get graphs of their own."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    for t in (k_cache, v_cache):
+        mark(t, 2)
+    mark(present, 0)
+    mark(mask, 3)
+    if x.shape[0] > 1:
+        for t in (x, k_cache, v_cache, cos, sin, mask):
+            mark(t, 0)
+    if x.shape[1] > 1:
+        for t, d in ((x, 1), (cos, 1), (sin, 1), (mask, 2), (slots, 0)):
+            mark(t, d)
+
+
+class CompiledAdapter(DecoderAdapter):
+    """A DecoderAdapter whose layers and head run through compiled functional code over a static cache."""
+
+    static = True
+
+    def __init__(self, model, compile=True):
+        super().__init__(model)
+        self.opts = parse_compile(compile)
+        why = _unsupported(model)
+        if why:
+            raise ValueError(f"compile=True does not support {why}; decode this model with compile=False.")
+        self.attn_implementation = "sdpa"  # layer_step always attends with SDPA under a boolean mask
+        cfg = model.config
+        s = self.shape
+        scale = getattr(self.layers[0].self_attn, "scaling", s.head_dim ** -0.5)
+        self.static_args = dict(eps=s.rms_eps, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
+                                head_dim=s.head_dim, scale=float(scale), act=getattr(cfg, "hidden_act", "silu"))
+        self.weights = [self._layer_weights(layer) for layer in self.layers]
+        self._layer = _compiled(layer_step, self.opts)
+        self._head = _compiled(head_step, self.opts)
+
+    @staticmethod
+    def _layer_weights(layer):
+        at, mlp = layer.self_attn, layer.mlp
+
+        def wb(lin):
+            return lin.weight, lin.bias
+
+        return (layer.input_layernorm.weight, *wb(at.q_proj), *wb(at.k_proj), *wb(at.v_proj), *wb(at.o_proj),
+                layer.post_attention_layernorm.weight, *wb(mlp.gate_proj), *wb(mlp.up_proj), *wb(mlp.down_proj))
+
+    def layer(self, idx, hidden, mask, position_ids, position_embeddings, kv_view):
+        if mask is None or mask.dtype != torch.bool:
+            raise RuntimeError("CompiledAdapter needs a boolean mask over the whole static cache (KVCache(static=True)).")
+        c, slots = kv_view.cache, kv_view.slots
+        cos, sin = position_embeddings
+        args = (hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], c.present[idx], slots, cos, sin, mask)
+        _dynamic_dims(hidden, *args[2:])
+        return self._layer(*args, **self.static_args)
+
+    def logits(self, hidden):
+        # A row slice (hidden[:, -1]) keeps the parent's strides and offset, which dynamo guards on: copy it.
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
+        if hidden.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(hidden, 0)
+        return self._head(hidden, self.norm.weight, self.lm_head.weight, self.shape.rms_eps)
+
+
+def make_adapter(model, compile=None) -> DecoderAdapter:
+    """The eager adapter, or the compiled one when ``compile`` asks for it (see :func:`parse_compile`)."""
+    return DecoderAdapter(model) if parse_compile(compile) is None else CompiledAdapter(model, compile)
+
+
+def compile_stats() -> dict:
+    """Seconds spent compiling graphs in this process and how many graphs were compiled."""
+    return dict(COMPILE_SECONDS)
+
+
+def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=(1,), compile=True,
+           max_new_tokens: int = 4) -> float:
+    """Compile every graph a generation will need (batch 1 and batch > 1, one and several queries per
+    call) with a short dummy generation per batch size; returns the seconds it took. Later generations
+    of the same model in this process start at full speed."""
+    from .generate import generate
+
+    t = time.perf_counter()
+    device = next(model.parameters()).device
+    pad = getattr(model.generation_config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(model.generation_config, "eos_token_id", 0)
+        pad = pad[0] if isinstance(pad, (list, tuple)) else pad
+    for bs in batch_sizes:
+        ids = torch.arange(3, 3 + 3 * bs, device=device).view(bs, 3) % model.config.vocab_size
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            generate(model, ids, torch.ones_like(ids), mode=mode, exit_config=exit_config, compile=compile,
+                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return time.perf_counter() - t

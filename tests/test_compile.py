@@ -1,0 +1,151 @@
+"""compile=True: the functional layer against transformers' layer, compiled decoding against eager specee and
+model.generate for every mode, and recompiles counted with dynamo's counters.
+
+Most cases compile with the ``aot_eager`` backend (dynamo + AOTAutograd, no code generation: seconds); one
+runs inductor end to end, the default of ``compile=True``."""
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import specee
+from specee import compiled
+from specee.cache import KVCache
+from specee.models import DecoderAdapter
+
+from conftest import ScriptedPredictor, left_padded_batch, make_tiny
+
+BACKEND = "aot_eager"
+
+
+def graphs():
+    return counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("B,q", [(1, 1), (3, 1), (2, 5), (1, 7)])
+@torch.no_grad()
+def test_layer_step_matches_transformers_layer(family, B, q):
+    """The uncompiled functional layer equals the model's own decoder layer over a cache with history."""
+    model = make_tiny(family, seed=3, attention_bias=True) if family == "llama" else make_tiny(family, seed=3)
+    a = DecoderAdapter(model)
+    ca = compiled.CompiledAdapter(model, BACKEND)
+    S, past = 24, 9
+    torch.manual_seed(0)
+    x = torch.randn(B, q, a.shape.hidden_size)
+    pos = torch.arange(past, past + q).expand(B, q)
+    rope = a.rope(x, pos)
+    slots = torch.arange(past, past + q)
+    caches = []
+    for static in (False, True):
+        c = KVCache(a.shape, B, S, a.dtype, "cpu", static=static)
+        c.append(torch.ones(B, past + q, dtype=torch.bool), torch.arange(past + q).expand(B, -1))
+        torch.manual_seed(1)
+        c.k[:, :, :, :past] = torch.randn_like(c.k[:, :, :, :past])
+        c.v[:, :, :, :past] = torch.randn_like(c.v[:, :, :, :past])
+        caches.append(c)
+    ref = a.layer(1, x, caches[0].mask(None, slots, a.dtype, False), pos, rope,
+                  caches[0].view(slots, slice(past, past + q)))
+    c = caches[1]
+    got = compiled.layer_step(x, ca.weights[1], c.k_layers[1], c.v_layers[1], c.present[1], slots, *rope,
+                              c.mask(None, slots, a.dtype, False), **ca.static_args)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.k[1, :, :, : past + q], caches[0].k[1, :, :, : past + q])
+    assert bool(c.present[1, slots].all())
+    torch.testing.assert_close(ca.logits(ref[:, -1]), a.logits(ref[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def test_inductor_full_matches_generate():
+    """compile=True (inductor) is token-identical to model.generate and to eager specee, batch 1 and a padded batch."""
+    model = make_tiny("llama")
+    for lengths in ([5, 3, 7], [4]):
+        ids, mask = left_padded_batch(lengths)
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+        eager = specee.generate(model, ids, mask, max_new_tokens=12, do_sample=False)
+        got = specee.generate(model, ids, mask, max_new_tokens=12, do_sample=False, compile=True)
+        assert torch.equal(eager, ref)
+        assert torch.equal(got, ref)
+
+
+CASES = [
+    ("full", None),
+    ("skipdecode", dict(min_layers=2)),
+    ("confidence", dict(thresholds=0.1)),
+    ("confidence", dict(thresholds=0.1, kv_policy="propagate")),
+    ("confidence", dict(thresholds=0.1, kv_policy="skip")),
+    ("early_exit", "scripted"),
+    ("early_exit", "scripted-monotone"),
+    ("self_speculative", dict(exit_layer=2, num_draft=3, adaptive_k=False)),
+    ("self_speculative", None),
+]
+
+
+def _config(cfg):
+    if cfg == "scripted":
+        return {"predictor": ScriptedPredictor([2, 1, 3, 4, 2, 3, 1], range(4))}
+    if cfg == "scripted-monotone":
+        return {"predictor": ScriptedPredictor([3, 3, 2, 2, 1], range(4)), "kv_policy": "monotone"}
+    return cfg
+
+
+@pytest.mark.parametrize("mode,cfg", CASES, ids=[f"{m}-{c if isinstance(c, str) else i}" for i, (m, c) in enumerate(CASES)])
+@pytest.mark.parametrize("do_sample", [False, True], ids=["greedy", "sample"])
+def test_modes_compiled_match_eager(mode, cfg, do_sample):
+    model = make_tiny("llama")
+    ids, mask = left_padded_batch([5, 3, 7])
+    outs = []
+    for compile in (None, BACKEND):
+        torch.manual_seed(0)
+        outs.append(specee.generate(model, ids, mask, mode=mode, exit_config=_config(cfg), compile=compile,
+                                    max_new_tokens=14, do_sample=do_sample, return_dict_in_generate=True))
+    eager, comp = outs
+    assert torch.equal(comp.sequences, eager.sequences)
+    assert torch.equal(comp.exit_layers, eager.exit_layers)
+    if mode in ("confidence", "early_exit", "skipdecode") and not do_sample:
+        assert comp.exit_layers[comp.exit_layers > 0].float().mean() < model.config.num_hidden_layers  # exits happened
+    if not do_sample and mode in ("full", "self_speculative"):  # exact modes
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+        assert torch.equal(comp.sequences, ref)
+
+
+def test_qwen2_biases_and_tied_head_compiled():
+    model = make_tiny("qwen2")
+    ids, mask = left_padded_batch([6, 2])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    got = specee.generate(model, ids, mask, max_new_tokens=10, do_sample=False, compile=BACKEND)
+    assert torch.equal(got, ref)
+
+
+def test_no_recompiles_after_warmup():
+    """After warm-up, exits that change every step (deferred fills of varying size), new prompt lengths, new
+    lengths of the cache and batch sizes seen before compile nothing; the layer graph is shared by all layers."""
+    model = make_tiny("llama", num_hidden_layers=6)
+    script = [3, 1, 6, 2, 5, 4, 1, 6, 2, 3]
+    before = graphs()
+    compiled.warmup(model, mode="early_exit", exit_config={"predictor": ScriptedPredictor(script, range(6))},
+                    batch_sizes=(1, 3), compile=BACKEND)
+    warm = graphs() - before
+    assert 0 < warm <= 6  # layer and head, for batch 1 / batch > 1 and one / several queries: not per layer
+    after_warmup = graphs()
+    for lengths, n in (([5, 3, 7], 17), ([9], 11), ([2, 6, 4], 9)):
+        ids, mask = left_padded_batch(lengths)
+        out = specee.generate(model, ids, mask, mode="early_exit", compile=BACKEND, max_new_tokens=n, do_sample=False,
+                              exit_config={"predictor": ScriptedPredictor(script, range(6))},
+                              return_dict_in_generate=True)
+        assert len(set(out.exit_layers[0].tolist())) > 3  # the exit layer really changed from step to step
+    assert graphs() == after_warmup
+
+
+def test_compile_errors():
+    model = make_tiny("llama")
+    ids, mask = left_padded_batch([3])
+    with pytest.raises(ValueError, match="unknown compile backend"):
+        specee.generate(model, ids, mask, max_new_tokens=2, compile="tensorrt")
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        specee.generate(model, ids, mask, max_new_tokens=2, compile=dict(mode="reduce-overhead"))
+    with pytest.raises(TypeError, match="compile must be"):
+        specee.generate(model, ids, mask, max_new_tokens=2, compile=3)
+    odd = make_tiny("llama", hidden_act="gelu_new")
+    with pytest.raises(ValueError, match="compile=False"):
+        specee.generate(odd, ids, mask, max_new_tokens=2, compile=True)
+    # the same model decodes eagerly
+    assert specee.generate(odd, ids, mask, max_new_tokens=2).shape == (1, ids.shape[1] + 2)
