@@ -2,6 +2,7 @@
 
     python bench/e2e.py [--prompts FILE] [--num-prompts 13] [--max-new-tokens 64] [--threads 2]
                         [--modes full skipdecode confidence self_speculative] [--batch-sizes 1]
+                        [--peers llama_cpp hf_compile]
 
 The Spec-Bench prompts (../shared/data/spec_bench_dev.jsonl) are spread over its categories; every
 prompt is decoded by every method in turn (specee.bench.run_bench), so noise hits all alike.
@@ -48,12 +49,14 @@ def main(argv=None):
     ap.add_argument("--modes", nargs="+", default=["full", "skipdecode", "confidence"])
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--peers", nargs="*", default=[], help="llama_cpp hf_compile (see specee bench --peers)")
     ap.add_argument("--out", default="e2e_cpu")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = specee.load_default_model()
     doc = run_bench(model, tok, pick_prompts(args.prompts, args.num_prompts), modes=args.modes,
-                    batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens)
+                    batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, peers=args.peers,
+                    default_model=True)
     path = write_json(f"{args.out}.json", dict(benchmark="e2e", model="SmolLM2-135M-Instruct (fp32)",
                                                prompts=args.prompts, **doc))
     tmp = RESULTS / f".{args.out}_plots"

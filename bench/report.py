@@ -26,14 +26,17 @@ def e2e_table(doc):
     o, L = doc["oracle"], doc["num_layers"]
     lines = [f"**End to end** (`bench/e2e.py`, {doc['num_prompts']} Spec-Bench prompts, {doc['max_new_tokens']} "
              f"new tokens, greedy). " + _meta_line(doc["meta"])]
+    for name, why in doc.get("peers_skipped", {}).items():
+        lines += ["", f"Peer `{name}` skipped: {why}."]
     for batch, rows in doc["results"].items():
         lines += ["", f"{batch.replace('_', ' ')}:", "",
                   "| mode | tok/s | vs HF | token agreement with full | exact | p50 / p99 ms | TTFT ms | mean exit layer |",
                   "|---|---|---|---|---|---|---|---|"]
         for name, r in rows.items():
             lat = r["latency_ms"]
-            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {r['token_agreement']:.1%} "
-                         f"| {r['exact_match']:.0%} | {lat['p50']:.1f} / {lat['p99']:.1f} | {_fmt(r['ttft_ms'], '.0f')} "
+            agree, exact = _agree(r)
+            lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_hf']:.2f}x | {agree} "
+                         f"| {exact} | {lat['p50']:.1f} / {lat['p99']:.1f} | {_fmt(r['ttft_ms'], '.0f')} "
                          f"| {r['mean_exit_layer']:.1f} |")
     lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {L}; with a layer at {o['layer_ms']:.2f} ms "
               f"and the head at {o['head_ms']:.2f} ms, layer skipping can buy at most "
@@ -71,7 +74,86 @@ def ops_table(doc):
     return lines
 
 
-RENDER = {"e2e": e2e_table, "self_speculative": speculative_table, "ops": ops_table}
+def _agree(r):
+    if r.get("token_agreement") is None:
+        return "—", "—"
+    return f"{r['token_agreement']:.1%}", f"{r['exact_match']:.0%}"
+
+
+def bench_table(doc):
+    """`specee bench` (the CLI's bench.json, copied to results/): modes, HF and peers side by side."""
+    lines = e2e_table(doc)
+    lines[0] = lines[0].replace("`bench/e2e.py`", "`specee bench`")
+    for name, why in doc.get("peers_skipped", {}).items():
+        lines += ["", f"Peer `{name}` skipped: {why}."]
+    for name, info in doc.get("peers", {}).items():
+        lines += ["", f"Peer `{name}`: " + ", ".join(f"{k} {v}" if not isinstance(v, float) else f"{k} {v:.0f}"
+                                                      for k, v in info.items()) + "."]
+    return lines
+
+
+def replay_table(doc):
+    t, r0 = doc["trace"], doc["results"]
+    lines = [f"**Replay** (`specee bench --replay {t['name']} --shape {doc.get('shape')}`: random weights, "
+             f"{doc['num_layers']} layers, {doc.get('dtype')}, batch {doc['batch_size']}, {doc['max_new_tokens']} "
+             f"new tokens, kv policy {doc['kv_policy']}; trace rescaled from {t['source_layers']} layers: mean exit "
+             f"{t['mean_exit_layer']:.1f}, {t['exit_fraction']:.0%} exit early; layer {doc['layer_ms']:.3f} ms, head "
+             f"{doc['head_ms']:.3f} ms). " + _meta_line(doc["meta"]), "",
+             "| schedule | ms/token | speedup vs full | ideal (trace) | of ideal | host syncs/token | CUDA syncs/token "
+             "| mean exit | trace followed |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in r0.items():
+        lines.append(f"| {name} | {r['ms_per_token']:.3f} | {r['speedup_vs_full']:.2f}x | {r['ideal_speedup']:.2f}x "
+                     f"| {r['fraction_of_ideal']:.0%} | {r['host_syncs_per_token']:.1f} "
+                     f"({_fmt(r.get('layer_syncs_per_token'), '.1f')} inside the layers) "
+                     f"| {_fmt(r['cuda_syncs_per_token'], '.1f')} | {r['mean_exit_layer']:.1f} "
+                     f"| {'yes' if r['trace_followed'] else 'NO'} |")
+    return lines
+
+
+def predictors_table(doc):
+    """bench/bench_predictors.py: the oracle, the drafts, the banks teacher-forced and decoding."""
+    o = doc.get("oracle", {})
+    lines = [f"**Predictors** (`bench/bench_predictors.py`, {doc.get('model')}, {doc.get('num_prompts')} Spec-Bench "
+             f"prompts ({doc.get('prompt_lines', '')}), {doc.get('max_new_tokens')} new tokens, greedy). "
+             + _meta_line(doc["meta"]), "",
+             f"Oracle: mean exit layer {_fmt(o.get('mean_exit_layer'), '.1f')} of {o.get('num_layers')}; bound "
+             f"{_fmt(o.get('speedup_bound'), '.2f')}x over full, {_fmt(o.get('bound_with_draft'), '.2f')}x when the "
+             f"draft must hold the token (recall {_fmt(o.get('draft_recall'), '.0%')}), "
+             f"{_fmt(o.get('bound_unconfirmed'), '.2f')}x unconfirmed."]
+    sweep, frac = doc.get("sweep", {}), doc.get("fraction_of_bound", {})
+    if sweep:
+        lines += ["", "| bank | speedup vs full | ms/token | token agreement | mean exit layer | of the bound |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in sweep.items():
+            f = frac.get(name, {}).get("ratio")
+            lines.append(f"| {name} | {r['speedup_vs_full']:.2f}x | {r['ms_per_token']:.1f} | {r['token_agreement']:.1%} "
+                         f"| {r['mean_exit_layer']:.1f} | {_fmt(f, '.0%')} |")
+    tf = doc.get("teacher_forced", {})
+    if tf:
+        lines += ["", "Teacher-forced (on the `full` tokens):", "",
+                  "| bank | exit rate | precision | calibrated precision (lower bound) | mean exit layer | modelled speedup |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in tf.items():
+            lines.append(f"| {name} | {r['exit_rate']:.1%} | {r['precision']:.1%} "
+                         f"| {_fmt(r.get('calibrated_precision_lower_bound'), '.1%')} | {r['mean_exit_layer']:.1f} "
+                         f"| {r['speedup']:.2f}x |")
+    drafts = doc.get("drafts", {})
+    if drafts:
+        lines += ["", "| draft source | recall@k | k | cost ms | cost (layers) |", "|---|---|---|---|---|"]
+        for name, r in drafts.items():
+            lines.append(f"| {name} | {r['recall_at_k']:.1%} | {r['k']} | {r['cost_ms']:.3f} | {r['cost_layers']:.2f} |")
+    c = doc.get("cost")
+    if c:
+        lines += ["", f"Costs: layer {c['layer_ms']:.2f} ms; LM head {c['head_layers']:.1f} layers; exit_predict "
+                      f"{c['exit_predict_ms']:.3f} ms ({c.get('exit_predict_backend')}); decide "
+                      f"{c['decide_ms']:.3f} ms."]
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}."]
+    return lines
+
+
+RENDER = {"e2e": e2e_table, "self_speculative": speculative_table, "ops": ops_table, "specee_bench": bench_table,
+          "replay": replay_table, "predictors": predictors_table}
 
 
 def render():

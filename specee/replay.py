@@ -248,7 +248,7 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
         holder["res"] = res
         return res.sequences
 
-    kw = dict(max_new_tokens=max_new_tokens, min_new_tokens=None, do_sample=False, custom_generate=decode)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, custom_generate=decode)
     syncs = None
     _sync(ids.device)
     t0 = time.perf_counter()
@@ -326,7 +326,7 @@ def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=
             fraction_of_ideal_savings=(1 - 1 / achieved) / saved_ideal if saved_ideal > 0 else None,
             mean_exit_layer=mean_exit, trace_followed=followed,
             host_syncs_per_token=res.stats["host_syncs"] / res.stats["steps"],
-            host_syncs_per_token_per_layer=res.stats["host_syncs"] / res.stats["steps"] / max(1.0, mean_exit),
+            layer_syncs_per_token=(res.stats["host_syncs"] - res.stats["steps"]) / res.stats["steps"],
             cuda_syncs_per_token=None if cuda_syncs is None else cuda_syncs / T,
             evaluated_layers=len(policies[m].layers) if m == "all" else (1 if m == "exit" else 0))
     return dict(benchmark="replay", num_layers=L, trace=dict(name=doc.get("name", str(trace)),
@@ -357,6 +357,7 @@ def main_replay(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    load_trace(args.replay)  # a bad trace fails before a large model is built
     model = build_model(args.shape, args.device, args.dtype)
     doc = run_replay(model, args.replay, schedules=args.schedules, max_new_tokens=args.max_new_tokens,
                      batch_size=args.replay_batch_size, prompt_len=args.prompt_len, reps=args.reps,

@@ -95,6 +95,7 @@ def test_bench_replay_cli_on_a_tiny_shape(tmp_path, capsys):
         assert r["ideal_speedup"] >= 1.0
     assert doc["results"]["full"]["ideal_speedup"] == 1.0
     assert doc["results"]["planned"]["host_syncs_per_token"] == 1.0, "a planned depth reads back once per token"
+    assert doc["results"]["planned"]["layer_syncs_per_token"] == 0.0
     assert doc["results"]["all"]["host_syncs_per_token"] > doc["results"]["exit"]["host_syncs_per_token"]
     assert math.isfinite(doc["layer_ms"]) and doc["head_ms"] > 0
     assert "schedule" in capsys.readouterr().out
