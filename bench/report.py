@@ -84,8 +84,10 @@ def bench_table(doc):
     """`specee bench` (the CLI's bench.json, copied to results/): modes, HF and peers side by side."""
     lines = e2e_table(doc)
     lines[0] = lines[0].replace("`bench/e2e.py`", "`specee bench`")
-    for name, why in doc.get("peers_skipped", {}).items():
-        lines += ["", f"Peer `{name}` skipped: {why}."]
+    run = doc.get("run")
+    if run:
+        lines += ["", f"Run: `{run['command']}` took {run['wall_s']:.0f} s" + (f" ({run['note']})." if run.get("note")
+                                                                              else ".")]
     for name, info in doc.get("peers", {}).items():
         lines += ["", f"Peer `{name}`: " + ", ".join(f"{k} {v}" if not isinstance(v, float) else f"{k} {v:.0f}"
                                                       for k, v in info.items()) + "."]

@@ -453,6 +453,7 @@ def main_bench(args):
         return main_replay(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
     model, tok = load_model(args.model)
     prompts = load_prompts(args.prompts, args.num_prompts)
     doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
@@ -460,6 +461,11 @@ def main_bench(args):
                     default_model=args.model is None)
     doc = dict(meta=run_metadata(), benchmark="specee_bench", model=args.model or "SmolLM2-135M-Instruct",
                prompts=args.prompts or "specee/data/demo_prompts.jsonl", **doc)
+    import sys
+
+    doc["run"] = dict(command=" ".join(["specee", *sys.argv[1:]]) if sys.argv else "specee bench",
+                      wall_s=time.perf_counter() - t_start, note="wall time from model load to the results, "
+                      "before the plots")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
