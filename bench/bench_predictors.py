@@ -13,13 +13,21 @@ strided, so the categories keep the file's proportions. Sections of bench/result
 - ``oracle``: the oracle exit distribution (first layer whose normed argmax equals the final one) and
   its speedup bound (L + head) / (mean oracle exit + head), in measured layer units.
 - ``teacher_forced``: per operating point, the decode loop's exit rule replayed on those tokens
-  (``specee.train.simulate``): exit rate, exit precision, mean exit layer, exits per layer.
+  (``specee.calibrate.simulate``): exit rate, exit precision, mean exit layer, exits per layer.
 - ``sweep``: per operating point, free-running greedy decoding, each prompt decoded by ``full`` and by
   every point in turn (noise hits all alike): speedup over full (ratio of summed wall times), token
   agreement with full, mean exit layer, exits per layer; twice: with the engine as it is, and with
   the LM head it recomputes after an all-rows exit skipped (``engine_fix``, marked "+fix").
 - ``cost``: predictor cost per evaluated layer (the fused op and the bank's whole decide) in ms and
   as a fraction of a layer; the head in layers.
+- ``fraction_of_bound``: per swept point, its speedup over full / the oracle bound (``ratio``) and the
+  share of the bound's savings it achieved (``of_savings``: (speedup - 1) / (bound - 1)).
+- ``summary``: what a table needs, from the sections above: ``pareto`` (one row per swept point:
+  speedup vs agreement, teacher-forced precision and exit rate, ``on_front``), ``drafts`` (recall@k and
+  cost per source), ``default`` (the bank's own operating point against the issue's targets:
+  precision >= 0.98 and >= 80% of the oracle bound; ``full_fraction_of_bound`` = 1 / bound is what
+  plain ``full`` decoding scores on that ratio, so ``share_of_savings`` is the telling number).
+  ``--resummarize`` rebuilds it from an existing JSON.
 A Pareto plot (speedup vs agreement, oracle bound dashed) goes to bench/results/<out>.png.
 """
 from __future__ import annotations
@@ -93,6 +101,13 @@ class engine_fix:
     def __exit__(self, *exc):
         DecoderAdapter.logits = self.orig_logits
         del self.bank.decide  # back to the class method
+
+
+def _default_point(bank_dir=None) -> str:
+    """The operating point a bank decodes with by default (its metrics' ``operating_point``)."""
+    from specee.predictors import _read_bank
+
+    return _read_bank(bank_dir)[0]["metrics"].get("operating_point", "0.98")
 
 
 def decode(model, ids, mask, bank, n):
@@ -211,6 +226,39 @@ def teacher_forced_section(data, bank, label, points, costs, L):
     return out
 
 
+def summary_section(payload, default_point="0.98", label="confirmed"):
+    """Pareto rows, draft rows and the default operating point, from the other sections of ``payload``."""
+    tf, sweep, bound = payload["teacher_forced"], payload["sweep"], payload["oracle"]["speedup_bound"]
+    rows = []
+    for name, r in sweep.items():
+        if name == "full":
+            continue
+        t = tf.get(name.replace(" +fix", ""), {})
+        rows.append(dict(point=name, speedup_vs_full=r["speedup_vs_full"], token_agreement=r["token_agreement"],
+                         teacher_forced_precision=t.get("precision"), teacher_forced_exit_rate=t.get("exit_rate"),
+                         mean_exit_layer=r["mean_exit_layer"], fraction_of_bound=r["speedup_vs_full"] / bound,
+                         share_of_savings=(r["speedup_vs_full"] - 1) / (bound - 1)))
+    for r in rows:  # on the front: no other point is at least as fast and as faithful, and better in one
+        r["on_front"] = not any(o["speedup_vs_full"] >= r["speedup_vs_full"] and o["token_agreement"] >= r[
+            "token_agreement"] and (o["speedup_vs_full"], o["token_agreement"]) != (
+            r["speedup_vs_full"], r["token_agreement"]) for o in rows)
+    drafts = [dict(source=n, recall_at_k=d["recall_at_k"], k=d["k"], cost_ms=d["cost_ms"],
+                   cost_layers=d["cost_layers"]) for n, d in payload.get("drafts", {}).items()]
+    name = f"{label}@{default_point}"
+    d, t = sweep.get(name, {}), tf.get(name, {})
+    frac = d["speedup_vs_full"] / bound if d else None
+    default = dict(point=name, speedup_vs_full=d.get("speedup_vs_full"), token_agreement=d.get("token_agreement"),
+                   teacher_forced_precision=t.get("precision"),
+                   calibrated_precision_lower_bound=t.get("calibrated_precision_lower_bound"),
+                   oracle_bound=bound, fraction_of_bound=frac, full_fraction_of_bound=1 / bound,
+                   share_of_savings=(d["speedup_vs_full"] - 1) / (bound - 1) if d else None,
+                   fraction_of_bound_with_fix=(sweep[name + " +fix"]["speedup_vs_full"] / bound
+                                               if name + " +fix" in sweep else None),
+                   target_precision=0.98, target_fraction_of_bound=0.8,
+                   met=bool(t and d and t["precision"] >= 0.98 and frac >= 0.8))
+    return dict(pareto=rows, drafts=drafts, default=default)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bank", default=None, help="predictor directory (default: the shipped bank)")
@@ -225,7 +273,20 @@ def main(argv=None):
     ap.add_argument("--skip-drafts", action="store_true")
     ap.add_argument("--only-drafts", action="store_true", help="draft sources only (e.g. after training --eagle)")
     ap.add_argument("--out", default="predictors_cpu")
+    ap.add_argument("--resummarize", action="store_true", help="rebuild only the summary section of "
+                    "bench/results/<out>.json from its other sections (no model, no timing)")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        import json
+
+        from common import RESULTS
+
+        path = RESULTS / f"{args.out}.json"
+        payload = json.loads(path.read_text())
+        payload["summary"] = summary_section(payload, _default_point(args.bank))
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"rewrote the summary of {path}")
+        return
     torch.set_num_threads(args.threads)
     from tqdm.auto import tqdm
 
@@ -357,6 +418,7 @@ def main(argv=None):
                            exit_predict_backend=ops.backend_of("exit_predict", "cpu"))
     print(f"predictor per evaluated layer: op {op_ms:.3f} ms ({op_ms / layer_ms:.3f} layers), decide "
           f"{decide_ms:.3f} ms ({decide_ms / layer_ms:.3f} layers)")
+    payload["summary"] = summary_section(payload, _default_point(args.bank))
     path = write_json(f"{args.out}.json", payload)
     plot(sweep, bound, payload["oracle"]["bound_unconfirmed"], path.with_suffix(".png"))
     print(f"wrote {path}")

@@ -71,6 +71,10 @@ def build_parser():
     tr.add_argument("--draft-cost", type=float, default=None, help="the draft source per token in layers")
     tr.add_argument("--splits", type=float, nargs=3, default=(0.7, 0.1, 0.2), metavar=("TRAIN", "VAL", "CALIB"),
                     help="fractions of the prompts for training, early stopping and calibration")
+    tr.add_argument("--check", default=None, metavar="DIR", help="compare the trained bank with DIR ('shipped': the "
+                    "bank in the package) and fail, listing the differences, unless they match (see README)")
+    tr.add_argument("--check-atol", type=float, default=0.0, help="--check: numbers (thresholds, weights, metrics) "
+                    "match when |a - b| <= this (default 0: exactly)")
     tr.add_argument("--eagle", action="store_true", help="also train an EAGLE-style draft head (saved as "
                     "OUT/eagle.safetensors; measured by bench/bench_predictors.py, not used by the bank)")
 

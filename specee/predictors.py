@@ -356,6 +356,77 @@ def _shipped_dir():
     return resources.files("specee.data").joinpath("predictors")
 
 
+def _read_bank(path):
+    """(config dict, tensors) of a bank directory (or its predictors.json); None: the shipped bank."""
+    from safetensors.torch import load_file
+
+    if path is None:
+        root = _shipped_dir()
+        with resources.as_file(root.joinpath(WEIGHTS_NAME)) as wpath:
+            return json.loads(root.joinpath(CONFIG_NAME).read_text()), load_file(str(wpath))
+    p = Path(path)
+    p = p.parent if p.is_file() else p
+    if not (p / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{p / CONFIG_NAME} does not exist; give the directory `specee train --out` wrote.")
+    return json.loads((p / CONFIG_NAME).read_text()), load_file(str(p / WEIGHTS_NAME))
+
+
+# metrics that describe the run, not the bank: never compared
+RUN_METRICS = ("seconds", "command")
+
+
+def compare_banks(a, b, atol: float = 0.0, metrics: bool = True) -> list[str]:
+    """Differences between two saved banks (directories; None = the shipped bank), one line each.
+
+    Compared: the structure (fingerprint, k, width, predictor and always-on layers, window, offsets,
+    confirmation, draft config), every threshold of every operating point, every tensor (MLP weights,
+    draft tables, fingerprint sample) and, with ``metrics``, the training metrics (calibration
+    counts, histograms, ...) except the run's own ``seconds`` and ``command``. Numbers match when
+    ``|x - y| <= atol``; an empty list means the banks are the same. Needs no model.
+    """
+    (ca, ta), (cb, tb) = _read_bank(a), _read_bank(b)
+    out = []
+
+    def walk(x, y, where):
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in sorted(set(x) | set(y), key=str):
+                if where == "metrics" and key in RUN_METRICS:
+                    continue
+                if key not in x or key not in y:
+                    out.append(f"{where}.{key}: only in {'first' if key in x else 'second'}")
+                else:
+                    walk(x[key], y[key], f"{where}.{key}")
+        elif isinstance(x, list) and isinstance(y, list) and len(x) == len(y):
+            for i, (u, v) in enumerate(zip(x, y)):
+                walk(u, v, f"{where}[{i}]")
+        elif (isinstance(x, (int, float)) and isinstance(y, (int, float)) and not isinstance(x, bool)
+              and not isinstance(y, bool)):
+            if not abs(x - y) <= atol:
+                out.append(f"{where}: {x!r} != {y!r}")
+        elif x != y:
+            out.append(f"{where}: {x!r} != {y!r}")
+
+    for key in sorted(set(ca) | set(cb)):
+        if key == "metrics" and not metrics:
+            continue
+        if key not in ca or key not in cb:
+            out.append(f"{key}: only in {'first' if key in ca else 'second'}")
+        else:
+            walk(ca[key], cb[key], key)
+    for name in sorted(set(ta) | set(tb)):
+        if name not in ta or name not in tb:
+            out.append(f"tensor {name}: only in {'first' if name in ta else 'second'}")
+            continue
+        x, y = ta[name], tb[name]
+        if x.shape != y.shape or x.dtype != y.dtype:
+            out.append(f"tensor {name}: {x.dtype}{list(x.shape)} != {y.dtype}{list(y.shape)}")
+            continue
+        diff = float((x.double() - y.double()).abs().max()) if x.numel() else 0.0
+        if not diff <= atol:
+            out.append(f"tensor {name}: max |diff| {diff:.3g} > {atol:g}")
+    return out
+
+
 def load_predictors(path=None, model=None, *, operating_point: str | None = None, confirm: str | None = None,
                     attach: bool = True) -> PredictorBank:
     """Load a predictor bank for ``model``; ``path=None`` loads the bank shipped for the default model.
@@ -374,28 +445,15 @@ def load_predictors(path=None, model=None, *, operating_point: str | None = None
     attach : bool
         Hook the model's embedding so the draft source sees the tokens (see ``PredictorBank.attach``).
     """
-    from safetensors.torch import load_file
-
     if model is None:
         raise ValueError("load_predictors needs the model it will run with, to check the fingerprint: "
                          "load_predictors(path, model).")
-    if path is None:
-        root = _shipped_dir()
-        if not root.joinpath(CONFIG_NAME).is_file():
-            raise FileNotFoundError("this specee install ships no predictors (specee/data/predictors is missing); "
-                                    "train them with `specee train`.")
-        cfg_text = root.joinpath(CONFIG_NAME).read_text()
-        with resources.as_file(root.joinpath(WEIGHTS_NAME)) as wpath:
-            tensors = load_file(str(wpath))
-        where = "the shipped predictors (for SmolLM2-135M-Instruct)"
-    else:
-        p = Path(path)
-        if p.is_file():
-            p = p.parent
-        if not (p / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{p / CONFIG_NAME} does not exist; give the directory `specee train --out` wrote.")
-        cfg_text, tensors, where = (p / CONFIG_NAME).read_text(), load_file(str(p / WEIGHTS_NAME)), f"predictors {p}"
-    cfg = json.loads(cfg_text)
+    if path is None and not _shipped_dir().joinpath(CONFIG_NAME).is_file():
+        raise FileNotFoundError("this specee install ships no predictors (specee/data/predictors is missing); "
+                                "train them with `specee train`.")
+    cfg, tensors = _read_bank(path)
+    where = ("the shipped predictors (for SmolLM2-135M-Instruct)" if path is None
+             else f"predictors {Path(path).parent if Path(path).is_file() else Path(path)}")
     if cfg.get("format") != FORMAT:
         raise ValueError(f"{where} is not a specee predictor bank (format {cfg.get('format')!r}).")
     head_sample = tensors.get("fingerprint.head_sample")

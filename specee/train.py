@@ -19,6 +19,22 @@
 
 Prompts are split by sequence into train (70%), validation (10%) and calibration (20%), seeded.
 Collection lives in ``specee.collect``, calibration and the decode-loop simulation in ``specee.calibrate``.
+
+Determinism: with the same prompts, seed, options, thread count and pinned costs (the measured costs
+of the LM head, a predictor and the draft move with machine load and steer the always-on layers), two
+runs give the same bank bit for bit. The shipped bank (specee/data/predictors) is reproduced, from a
+checkout beside ../shared, on the CPU (~50 min at 1 thread: generation and collection; ~2 min from the
+``--work`` cache) by::
+
+    SPECEE_CACHE=/tmp/specee_cache specee train \
+        --prompts '../shared/data/gsm8k_train_questions.jsonl[:128]' '../shared/data/spec_bench_dev.jsonl[0::2]' \
+        --threads 1 --head-cost 4.5 --predictor-cost 0.03 --draft-cost 0.01 \
+        --work /tmp/specee_collect --out /tmp/specee_bank --check shipped
+
+``--check DIR`` (or ``shipped``) compares the result with a saved bank (``predictors.compare_banks``:
+structure, thresholds of every operating point, every tensor, training metrics) and fails listing the
+differences; ``--check-atol`` allows a tolerance. To regenerate the shipped bank, give
+``--out specee/data/predictors`` instead (keep ``--work`` outside the package).
 """
 from __future__ import annotations
 
@@ -32,14 +48,14 @@ from pathlib import Path
 
 import torch
 
-from .calibrate import (binom_cdf, ltt_select, measure_costs, oracle_bound, precision_lower_bound,  # noqa: F401
-                        simulate, summarize, thresholds_for_precision)
-from .collect import (_progress, candidates_and_logits, collect_chunks, generate_chunks, oracle_exits,  # noqa: F401
-                      propose_sequence, split_sequences, subset, teacher_forced)
+from .calibrate import (ltt_select, measure_costs, oracle_bound, precision_lower_bound, simulate, summarize,
+                        thresholds_for_precision)
+from .collect import _progress, collect_chunks, generate_chunks, oracle_exits, split_sequences, subset
 from .drafts import (DRAFT_TYPES, DraftSource, HybridSource, NGramSource, ProbeSource, frequent_tokens,
                      recall_at_k, successor_table)
 from .models import DecoderAdapter
-from .predictors import PredictorBank, _head_sample, features_from_logits, model_fingerprint, schedule_rows
+from .predictors import (PredictorBank, _head_sample, compare_banks, features_from_logits, model_fingerprint,
+                         schedule_rows)
 
 # The family's members, conservative -> aggressive: per-layer thresholds reaching precision q on the training
 # split. Fixed-sequence testing pays nothing for a fine grid.
@@ -340,6 +356,9 @@ def train_bank(model, tokenizer, prompts, out: str | Path, cfg: TrainConfig | No
         for key, val in (("head", cfg.head_cost), ("predictor", cfg.predictor_cost), ("draft", cfg.draft_cost)):
             if val is not None:
                 costs[key] = val
+        log(f"costs in layers: head {costs['head']:.3f}, predictor {costs['predictor']:.4f}, draft "
+            f"{costs.get('draft', 0.0):.4f} (measured on this machine: pin them with --head-cost, --predictor-cost "
+            "and --draft-cost to make the bank reproducible)")
 
     # 3-4: layers, then one MLP per layer on the schedule's pairs (oracle-driven and dense schedules)
     agree = (tr["argmax"] == tr["final"][:, None].int()).float().mean(0)
@@ -495,4 +514,13 @@ def main_train(args):
     bank.metrics["command"] = shlex.join(["specee", *sys.argv[1:]])
     bank.save(args.out)
     print(f"saved {len(bank.predictor_layers)} predictors to {args.out}")
+    if args.check:
+        ref = None if args.check == "shipped" else args.check
+        diffs = compare_banks(args.out, ref, atol=args.check_atol)
+        name = "the shipped bank" if ref is None else ref
+        if diffs:
+            print("\n".join(diffs[:50] + ([f"... {len(diffs) - 50} more"] if len(diffs) > 50 else [])))
+            raise ValueError(f"--check: the trained bank differs from {name} in {len(diffs)} places (listed above, "
+                             f"tolerance {args.check_atol:g}).")
+        print(f"--check: the trained bank equals {name} (tolerance {args.check_atol:g}).")
     return bank

@@ -8,8 +8,8 @@ from conftest import left_padded_batch, make_tiny
 from specee import ops
 from specee.drafts import DraftSource, NGramSource, ProbeSource
 from specee.models import DecoderAdapter
-from specee.predictors import (PredictorBank, candidate_features, load_predictors, mlp_score, model_fingerprint,
-                               schedule_rows)
+from specee.predictors import (PredictorBank, candidate_features, compare_banks, load_predictors, mlp_score,
+                               model_fingerprint, schedule_rows)
 
 K, H = 4, 16
 
@@ -267,6 +267,47 @@ def test_the_shipped_bank_decodes_the_default_model():
     bank.set_thresholds(1.0)
     assert torch.equal(_gen(model, ids, mask, bank, n=12).sequences, _gen(model, ids, mask, n=12).sequences)
     bank.detach()
+
+
+def _edited_copy(src, dst, edit_config=None, edit_tensors=None):
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "predictors.json").read_text())
+    tensors = load_file(str(dst / "predictors.safetensors"))
+    (edit_config or (lambda c: None))(cfg)
+    (edit_tensors or (lambda t: None))(tensors)
+    (dst / "predictors.json").write_text(json.dumps(cfg))
+    save_file(tensors, str(dst / "predictors.safetensors"))
+    return dst
+
+
+def test_compare_banks_lists_each_difference_within_its_tolerance(tmp_path):
+    from importlib import resources
+
+    with resources.as_file(resources.files("specee.data").joinpath("predictors")) as shipped:
+        assert compare_banks(None, shipped) == []
+        # the run's own time and command never count
+        same = _edited_copy(shipped, tmp_path / "same", lambda c: c["metrics"].update(seconds=1.0, command="x"))
+        assert compare_banks(same, None) == []
+
+        def nudge(c):
+            c["thresholds"]["20"] += 1e-6
+            c["always"] = c["always"][:-1]
+
+        def nudge_w(t):
+            t["layer.20.w1"][0, 0] += 1e-3
+
+        b = _edited_copy(shipped, tmp_path / "b", nudge, nudge_w)
+    d = compare_banks(None, b)
+    assert any(x.startswith("thresholds.20:") for x in d) and any(x.startswith("always:") for x in d)
+    assert "tensor layer.20.w1: max |diff| 0.001 > 0" in d and len(d) == 3
+    assert compare_banks(None, b, atol=1e-2) == ["always: [23, 24, 26, 28] != [23, 24, 26]"]
+    with pytest.raises(FileNotFoundError):
+        compare_banks(None, tmp_path / "nothing")
 
 
 def test_a_discarded_bank_leaves_no_hook_behind():

@@ -8,7 +8,7 @@ import torch
 
 import specee
 from conftest import make_tiny
-from specee.predictors import load_predictors
+from specee.predictors import compare_banks, load_predictors
 from specee.calibrate import binom_cdf, ltt_select, precision_lower_bound, simulate, thresholds_for_precision
 from specee.collect import split_sequences
 from specee.train import TrainConfig, parse_prompt_spec, schedule_pairs, select_layers, train_bank
@@ -109,6 +109,10 @@ def test_cli_train_arguments():
     args = build_parser().parse_args(["train", "--prompts", "a.jsonl[0::2]", "b.jsonl", "--out", "x",
                                       "--target-precision", "0.95", "--draft", "hybrid"])
     assert args.prompts == ["a.jsonl[0::2]", "b.jsonl"] and args.target_precision == 0.95 and args.k == 4
+    assert args.check is None and args.check_atol == 0.0
+    args = build_parser().parse_args(["train", "--prompts", "a.jsonl", "--out", "x", "--check", "shipped",
+                                      "--check-atol", "1e-6"])
+    assert args.check == "shipped" and args.check_atol == 1e-6
 
 
 def _hand_data(final, argmax, cands, seq):
@@ -160,7 +164,7 @@ def test_prompt_specs_and_splits():
     assert sp == split_sequences(50, (0.7, 0.1, 0.2), seed=3)
 
 
-def test_tiny_end_to_end_train_is_resumable_and_deterministic(tmp_path, monkeypatch):
+def test_tiny_end_to_end_train_is_deterministic_and_resumable(tmp_path, monkeypatch):
     model = make_tiny("llama", num_hidden_layers=6)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 211, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
@@ -173,12 +177,17 @@ def test_tiny_end_to_end_train_is_resumable_and_deterministic(tmp_path, monkeypa
     assert set(m["draft_recall"]) == {"train", "val", "calib"} and sum(m["oracle_histogram"]) > 0
     assert set(bank.operating_points) >= {"0.9", "0.95", "0.98", "0.99", "0.6"}
 
-    # resumable: a second run reuses every chunk (no generation at all) and gives the same bank
-    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("re-generated a cached chunk"))
-    again = train_bank(model, None, prompts, tmp_path / "b", cfg, work=tmp_path / "work", log=lambda s: None)
-    assert again.thresholds == bank.thresholds and again.always == bank.always
+    # deterministic with a seed: a second run from scratch (its own collection) gives the same bank, bit for bit
+    fresh = train_bank(model, None, prompts, tmp_path / "b", cfg, work=tmp_path / "work2", log=lambda s: None)
+    assert compare_banks(tmp_path / "a", tmp_path / "b") == []
+    assert fresh.thresholds == bank.thresholds and fresh.always == bank.always
     for l in bank.predictor_layers:
-        assert all(torch.equal(x, y) for x, y in zip(bank.weights[l], again.weights[l]))
+        assert all(torch.equal(x, y) for x, y in zip(bank.weights[l], fresh.weights[l]))
+
+    # resumable: a run over a filled work directory reuses every chunk (no generation at all): same bank
+    monkeypatch.setattr(type(model), "generate", lambda *a, **k: pytest.fail("re-generated a cached chunk"))
+    train_bank(model, None, prompts, tmp_path / "c", cfg, work=tmp_path / "work", log=lambda s: None)
+    assert compare_banks(tmp_path / "a", tmp_path / "c") == []
     monkeypatch.undo()
 
     loaded = load_predictors(tmp_path / "a", model)
