@@ -109,6 +109,8 @@ def replay_table(doc):
                      f"({_fmt(r.get('layer_syncs_per_token'), '.1f')} inside the layers) "
                      f"| {_fmt(r['cuda_syncs_per_token'], '.1f')} | {r['mean_exit_layer']:.1f} "
                      f"| {'yes' if r['trace_followed'] else 'NO'} |")
+    if doc.get("note"):
+        lines += ["", f"Note: {doc['note']}."]
     return lines
 
 
