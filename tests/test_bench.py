@@ -60,3 +60,19 @@ def test_hf_static_compiled_equals_generate_and_shares_one_graph(tiny_llama):
         ids = torch.randint(3, 211, (1, P), generator=torch.Generator().manual_seed(P))
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
         assert torch.equal(fn(ids, **kw), tiny_llama.generate(ids, **kw))
+
+
+def test_report_renders_every_result_file():
+    """bench/report.py turns every committed bench/results/*.json into a table (or a pointer), without errors."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "bench"
+    spec = importlib.util.spec_from_file_location("bench_report", root / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    text = report.render()
+    for path in (root / "results").glob("*.json"):
+        assert path.name in text
+    for heading in ("### bench_cpu.json", "### replay_smollm2_spec_bench", "### predictors_cpu.json"):
+        assert heading in text, "rendered as a table, not only listed"
