@@ -22,6 +22,9 @@ def _add_decode_args(p, default_mode):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                   help="decode through compiled code (torch.compile, inductor; or the dynamo BACKEND named: "
+                   "aot_eager, eager); the first run compiles, its time is printed apart")
 
 
 def build_parser():

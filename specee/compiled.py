@@ -15,17 +15,15 @@ rotate-half RoPE, SDPA, SwiGLU); grouped-query attention packs the query heads o
 together instead of repeating K/V (transformers' ``pack_gqa``). Compiled kernels round differently
 from eager ones, so outputs match eager to rounding, not bit for bit.
 
-Inductor's compiled artifacts are cached on disk (``$SPECEE_CACHE/inductor`` unless
-``TORCHINDUCTOR_CACHE_DIR`` is set), so a second process skips code generation; dynamo still traces
-once per process (a few seconds).
+Inductor caches what it compiles on disk (its FX-graph cache, on by default, in
+``$TORCHINDUCTOR_CACHE_DIR`` or ``/tmp/torchinductor_<user>``), so a second process skips code
+generation and C++ compilation; dynamo still traces once per process (seconds).
 """
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -137,7 +135,6 @@ def _timed_backend(backend: str, mode):
 def _compiled(fn, opts):
     key = (fn.__name__, opts["backend"], opts["mode"])
     if key not in _COMPILED:
-        _use_disk_cache()
         # Each model shape (and batch 1 / batch > 1, one / several queries) is a graph of the same function;
         # torch's default of 8 graphs per function is too few for a process that serves several models.
         for name in ("recompile_limit", "cache_size_limit"):
@@ -147,10 +144,11 @@ def _compiled(fn, opts):
     return _COMPILED[key]
 
 
-def _use_disk_cache():
-    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        root = Path(os.environ.get("SPECEE_CACHE", Path.home() / ".cache" / "specee"))
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+def inductor_cache_dir() -> str:
+    """Where inductor keeps compiled graphs between processes."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()
 
 
 def _unsupported(model) -> str | None:
@@ -211,7 +209,7 @@ class CompiledAdapter(DecoderAdapter):
         if mask is None or mask.dtype != torch.bool:
             raise RuntimeError("CompiledAdapter needs a boolean mask over the whole static cache (KVCache(static=True)).")
         c, slots = kv_view.cache, kv_view.slots
-        cos, sin = position_embeddings
+        cos, sin = (t.contiguous() for t in position_embeddings)  # slices of a longer step's rope: strides vary
         args = (hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], c.present[idx], slots, cos, sin, mask)
         _dynamic_dims(hidden, *args[2:])
         return self._layer(*args, **self.static_args)

@@ -35,6 +35,22 @@ def exit_config_from_args(args, num_layers, model=None):
     return cfg
 
 
+def _compile(args):
+    return getattr(args, "compile", False) or None
+
+
+def _warmup(model, modes, cfg, compile):
+    """Compile before timing, and say how long it took (decode timings exclude it)."""
+    from . import compiled
+
+    t = time.perf_counter()
+    for mode in dict.fromkeys(modes):
+        compiled.warmup(model, mode=mode, exit_config=cfg if mode != "full" else None, compile=compile)
+    stats = compiled.compile_stats()
+    print(f"[compile: {time.perf_counter() - t:.1f} s warm-up, {stats['graphs']} graphs, "
+          f"{stats['total']:.1f} s in the compiler; cached in {compiled.inductor_cache_dir()}]")
+
+
 def _sampling(args):
     if not args.sample:
         return dict(do_sample=False)
@@ -45,7 +61,8 @@ def _timed(model, ids, mask, mode, cfg, args):
     torch.manual_seed(args.seed)
     t = time.perf_counter()
     out = generate(model, ids, mask, mode=mode, exit_config=cfg if mode != "full" else None,
-                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, **_sampling(args))
+                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, compile=_compile(args),
+                   **_sampling(args))
     return out, time.perf_counter() - t
 
 
@@ -58,6 +75,8 @@ def run_demo(args):
     prompts = load_prompts(args.prompts, args.num_prompts)
     ids, mask = encode(tok, [prompts[0].text])
     generate(model, ids, mask, max_new_tokens=4)  # warm-up, not timed
+    if _compile(args):
+        _warmup(model, ("full", args.mode), cfg, _compile(args))
     totals = {"full": [0, 0.0], args.mode: [0, 0.0]}
     exit_sum = exit_count = agree = compared = 0
     print(f"specee demo: {type(model).__name__}, {L} layers, mode={args.mode}, exit_config={cfg}\n")
@@ -97,6 +116,8 @@ def run_generate(args):
     ids, mask = encode(tok, [args.prompt], chat=not args.no_chat)
     cfg = exit_config_from_args(args, model.config.num_hidden_layers, model)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    if _compile(args):
+        _warmup(model, (args.mode,), cfg, _compile(args))
     out, dt = _timed_stream(model, ids, mask, args, cfg, streamer)
     n = len(new_tokens(out.sequences, ids.shape[1], tok.eos_token_id)[0])
     print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, mean exit layer "
@@ -108,5 +129,5 @@ def _timed_stream(model, ids, mask, args, cfg, streamer):
     t = time.perf_counter()
     out = generate(model, ids, mask, mode=args.mode, exit_config=cfg if args.mode != "full" else None,
                    max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer,
-                   **_sampling(args))
+                   compile=_compile(args), **_sampling(args))
     return out, time.perf_counter() - t

@@ -149,3 +149,28 @@ def test_compile_errors():
         specee.generate(odd, ids, mask, max_new_tokens=2, compile=True)
     # the same model decodes eagerly
     assert specee.generate(odd, ids, mask, max_new_tokens=2).shape == (1, ids.shape[1] + 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md C1)")
+@pytest.mark.parametrize("mode,cfg", [("full", None), ("early_exit", "scripted"), ("self_speculative", None)])
+def test_compiled_on_cuda(mode, cfg):
+    model = make_tiny("llama").cuda()
+    ids, mask = (t.cuda() for t in left_padded_batch([5, 3, 7]))
+    eager = specee.generate(model, ids, mask, mode=mode, exit_config=_config(cfg), max_new_tokens=14, do_sample=False)
+    got = specee.generate(model, ids, mask, mode=mode, exit_config=_config(cfg), max_new_tokens=14, do_sample=False,
+                          compile=True)
+    assert torch.equal(got, eager)
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_cli_compile(command, tiny_model_dir, tmp_path, capsys):
+    """--compile warms up first and prints the compile time apart from the decode timings."""
+    from specee import cli
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')
+    args = ["--prompts", str(prompts)] if command == "demo" else ["--prompt", "w1 w2", "--no-chat"]
+    assert cli.main([command, "--model", tiny_model_dir, "--mode", "skipdecode", *args, "--max-new-tokens", "5",
+                     "--compile", BACKEND]) == 0
+    out = capsys.readouterr().out
+    assert "[compile:" in out and "tok/s" in out
