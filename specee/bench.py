@@ -269,6 +269,8 @@ def head_cost_ms(model, reps=30):
     h = torch.randn(1, 1, a.shape.hidden_size, device=a.device, dtype=a.dtype)
     for _ in range(3):
         a.logits(h)
+    if h.is_cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     for _ in range(reps):
         a.logits(h)
