@@ -23,7 +23,7 @@ Collection lives in ``specee.collect``, calibration and the decode-loop simulati
 Determinism: with the same prompts, seed, options, thread count and pinned costs (the measured costs
 of the LM head, a predictor and the draft move with machine load and steer the always-on layers), two
 runs give the same bank bit for bit. The shipped bank (specee/data/predictors) is reproduced, from a
-checkout beside ../shared, on the CPU (~50 min at 1 thread: generation and collection; ~2 min from the
+checkout beside ../shared, on the CPU (45-65 min at 1 thread: generation and collection; ~2 min from the
 ``--work`` cache) by::
 
     SPECEE_CACHE=/tmp/specee_cache specee train \
