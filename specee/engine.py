@@ -78,7 +78,7 @@ class Engine:
         if plan.eval_layers:
             B, V = hidden.shape[0], a.shape.vocab_size
             exits = dict(done=finished.clone(), logits=torch.zeros(B, V, device=hidden.device),
-                         layer=torch.zeros(B, dtype=torch.long, device=hidden.device))
+                         layer=torch.zeros(B, dtype=torch.long, device=hidden.device), all_exited=False)
         run = 0
         for l in plan.layers:
             active = pend.active(l) if pend else []
@@ -100,13 +100,18 @@ class Engine:
             if l in plan.eval_layers:
                 exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
                 newly = exit_now & ~exits["done"]
-                if logits is None:
-                    logits = a.logits(hidden[:, -1])
-                exits["logits"] = torch.where(newly[:, None], logits, exits["logits"])
+                exits["done"] = exits["done"] | newly
                 exits["layer"] = torch.where(newly, l + 1, exits["layer"])
-                exits["done"] |= newly
-                self.host_syncs += 1  # the one read-back per evaluated layer: can the batch stop here?
-                if bool(exits["done"].all()):
+                # The one read-back per evaluated layer: did a row exit, can the batch stop, did every row
+                # exit for real (then the step's logits are all here and the head need not run again)?
+                any_new, all_done, exits["all_exited"] = torch.stack(
+                    [newly.any(), exits["done"].all(), (exits["layer"] > 0).all()]).tolist()
+                self.host_syncs += 1
+                if any_new:
+                    if logits is None:  # the predictor did not run the head: run it only when a row leaves
+                        logits = a.logits(hidden[:, -1])
+                    exits["logits"] = torch.where(newly[:, None], logits, exits["logits"])
+                if all_done:
                     break
         if pend:
             pend.advance(l + 1, a.num_layers)
@@ -213,8 +218,11 @@ class Engine:
             plan = self.policy.plan(step, max_depth)
             hidden, ran, exits = self._run(a.embed(tokens[:, None]), [slot], plan, unfinished == 0)
             reached = ran[-1] + 1 if self.mode != "skipdecode" else len(ran)
-            logits = a.logits(hidden[:, -1])
             step_exit = torch.full((B,), reached, dtype=torch.long, device=device)
+            if exits is not None and exits["all_exited"]:
+                logits = exits["logits"]
+            else:
+                logits = a.logits(hidden[:, -1])
             if exits is not None:
                 done = exits["done"]
                 logits = torch.where(done[:, None], exits["logits"], logits)
