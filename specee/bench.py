@@ -26,6 +26,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from .generate import generate
+from .policies import MODES
 from .models import DecoderAdapter
 from .prompts import batches, encode, new_tokens
 
@@ -222,7 +223,7 @@ def make_peers(model, tokenizer, names, max_cache_len, default_model=True):
     return peers, skipped
 
 
-def _decode(model, ids, mask, method, cfg, n, stream, peer=None):
+def _decode(model, ids, mask, method, cfg, n, stream, peer=None, compile=None):
     streamer = TimingStreamer(ids.shape[0]) if stream else None
     kw = dict(max_new_tokens=n, do_sample=False, streamer=streamer)
     t0 = time.perf_counter()
@@ -244,7 +245,8 @@ def _decode(model, ids, mask, method, cfg, n, stream, peer=None):
     elif method == "hf":
         seq, exits = model.generate(ids, attention_mask=mask, **kw), None
     else:
-        out = generate(model, ids, mask, mode=method, exit_config=cfg, return_dict_in_generate=True, **kw)
+        out = generate(model, ids, mask, mode=method, exit_config=cfg, return_dict_in_generate=True, compile=compile,
+                       **kw)
         seq, exits = out.sequences, out.exit_layers
     return seq, exits, t0, time.perf_counter() - t0, streamer
 
@@ -280,10 +282,11 @@ def head_cost_ms(model, reps=30):
 
 
 def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidence"), batch_sizes=(1,),
-              max_new_tokens=64, exit_configs=None, progress=True, peers=(), default_model=False):
+              max_new_tokens=64, exit_configs=None, progress=True, peers=(), default_model=False, compile=None):
     """Decode ``prompts`` with HF generate, every mode and the requested ``peers`` (see ``PEERS``);
     returns the results dict (see module docstring). A peer that cannot run here is skipped, with its
-    reason under ``peers_skipped``."""
+    reason under ``peers_skipped``. ``compile`` runs specee's modes compiled (see :func:`specee.generate`); the
+    warm-up then compiles every graph for every batch size, and its seconds are reported apart."""
     from tqdm.auto import tqdm
 
     L = model.config.num_hidden_layers
@@ -298,7 +301,16 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     ids, mask = encode(tokenizer, [prompts[0].text])
     for m in methods:  # warm-up, not timed
         if m != "hf_compile":
-            _decode(model, ids, mask, m, configs.get(m), 4, False, peer_fns.get(m))
+            _decode(model, ids, mask, m, configs.get(m), 4, False, peer_fns.get(m), compile)
+    compile_info = None
+    if compile:
+        from . import compiled
+
+        t = time.perf_counter()
+        for m in methods:
+            if m in MODES:
+                compiled.warmup(model, mode=m, exit_config=configs.get(m), batch_sizes=batch_sizes, compile=compile)
+        compile_info = dict(compile=compile, warmup_s=time.perf_counter() - t, **compiled.compile_stats())
     results, oracle, peer_info = {}, [], {}
     for bs in batch_sizes:
         stats = {m: MethodStats() for m in methods}
@@ -316,7 +328,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
             for m in methods:
                 stream = not (m == "self_speculative" and bs > 1)  # speculative rows emit unevenly
                 seq, exits, t0, dt, streamer = _decode(model, ids, mask, m, configs.get(m), max_new_tokens, stream,
-                                                       peer_fns.get(m))
+                                                       peer_fns.get(m), compile)
                 rows[m] = new_tokens(seq, P, tokenizer.eos_token_id)
                 s = stats[m]
                 s.tokens += sum(map(len, rows[m]))
@@ -366,7 +378,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
         c = peer_fns["hf_compile"].compile_config
         peer_info["hf_compile"].update(cache="static", compile_mode=c.mode, fullgraph=c.fullgraph)
     return dict(results=results, num_layers=L, max_new_tokens=max_new_tokens, num_prompts=len(prompts),
-                peers=peer_info, peers_skipped=skipped,
+                peers=peer_info, peers_skipped=skipped, compile=compile_info,
                 oracle=dict(mean_exit_layer=o.mean().item(), layer_ms=layer_ms, head_ms=head_ms,
                             speedup_bound_vs_full=bound,
                             histogram=torch.bincount(o.long(), minlength=L + 1).tolist()))
@@ -460,7 +472,7 @@ def main_bench(args):
     prompts = load_prompts(args.prompts, args.num_prompts)
     doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
                     max_new_tokens=args.max_new_tokens, peers=getattr(args, "peers", None) or (),
-                    default_model=args.model is None)
+                    default_model=args.model is None, compile=getattr(args, "compile", None) or None)
     doc = dict(meta=run_metadata(), benchmark="specee_bench", model=args.model or "SmolLM2-135M-Instruct",
                prompts=args.prompts or "specee/data/demo_prompts.jsonl", **doc)
     import sys

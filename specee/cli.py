@@ -92,6 +92,9 @@ def build_parser():
     be.add_argument("--max-new-tokens", type=int, default=64)
     be.add_argument("--out", default="specee-bench", help="directory for bench.json and the plots")
     be.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    be.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
+                    help="run specee's modes (and --replay) compiled (torch.compile; or the dynamo BACKEND named); "
+                    "the warm-up compiles every graph, its seconds are reported apart")
     be.add_argument("--peers", nargs="*", default=[], choices=("llama_cpp", "hf_compile"),
                     help="also measure the peers a user would otherwise pick, in the same run: llama_cpp "
                     "(llama-cpp-python on the default model's GGUF, same thread count), hf_compile (HF generate, "

@@ -225,7 +225,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred", count_cuda_syncs=False):
+def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred", count_cuda_syncs=False,
+                  compile=None):
     """Greedy decode of ``ids`` [B, P] with the engine; ``policy=None`` is ``full``.
 
     Returns (DecodeResult, seconds, CUDA synchronizations counted by ``torch.cuda.set_sync_debug_mode``
@@ -238,10 +239,10 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
     def decode(model, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
                streamer=None, **model_kwargs):
         if policy is None:
-            engine = Engine(model, "full")
+            engine = Engine(model, "full", compile=compile)
         else:
             engine = Engine(model, "early_exit", ExitConfig(predictor=policy, layers=policy.layers or None,
-                                                            kv_policy=kv_policy))
+                                                            kv_policy=kv_policy), compile=compile)
             engine.policy = policy  # the trace plans the steps too (schedule), not only decide()
         res = engine.decode(input_ids, model_kwargs.get("attention_mask"), logits_processor=logits_processor,
                             stopping_criteria=stopping_criteria, generation_config=generation_config)
@@ -268,8 +269,9 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
 
 
 def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=1, prompt_len=32, reps=3,
-               kv_policy="deferred", seed=0, progress=True):
-    """Decode with ``full`` and with the trace under each schedule, side by side; returns the results dict."""
+               kv_policy="deferred", seed=0, progress=True, compile=None):
+    """Decode with ``full`` and with the trace under each schedule, side by side; returns the results dict.
+    ``compile`` as in :func:`specee.generate` (the warm-up compiles)."""
     from tqdm.auto import tqdm
 
     from .bench import head_cost_ms
@@ -285,7 +287,7 @@ def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=
     methods = ["full", *schedules]
 
     def one(m, n, count=False):
-        return replay_decode(model, ids, n, policies.get(m), kv_policy, count)
+        return replay_decode(model, ids, n, policies.get(m), kv_policy, count, compile)
 
     for m in methods:  # warm-up, not timed
         one(m, 4)
@@ -361,8 +363,8 @@ def main_replay(args):
     model = build_model(args.shape, args.device, args.dtype)
     doc = run_replay(model, args.replay, schedules=args.schedules, max_new_tokens=args.max_new_tokens,
                      batch_size=args.replay_batch_size, prompt_len=args.prompt_len, reps=args.reps,
-                     kv_policy=args.kv_policy)
-    doc = dict(meta=run_metadata(), shape=args.shape, dtype=str(next(model.parameters()).dtype), **doc)
+                     kv_policy=args.kv_policy, compile=getattr(args, "compile", None) or None)
+    doc = dict(meta=run_metadata(), shape=args.shape, compile=getattr(args, "compile", None) or None, dtype=str(next(model.parameters()).dtype), **doc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"replay_{Path(str(args.replay)).stem}_{args.shape}.json"

@@ -174,3 +174,28 @@ def test_cli_compile(command, tiny_model_dir, tmp_path, capsys):
                      "--compile", BACKEND]) == 0
     out = capsys.readouterr().out
     assert "[compile:" in out and "tok/s" in out
+
+
+def test_bench_and_replay_compiled(tiny_model_dir, tmp_path):
+    """`specee bench --compile` runs the modes compiled (fidelity unchanged) and reports the warm-up apart;
+    the replay's engine follows its trace exactly when compiled."""
+    import json
+
+    from specee import cli
+    from specee.replay import TracePolicy, build_model, replay_decode
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n{"turns": ["w4 w5 w6 w7"], "category": "b"}\n')
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--model", tiny_model_dir, "--prompts", str(prompts), "--modes", "full", "confidence",
+                     "--max-new-tokens", "5", "--out", str(out), "--compile", BACKEND]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["compile"]["compile"] == BACKEND and doc["compile"]["warmup_s"] > 0
+    assert doc["results"]["batch_1"]["full"]["token_agreement"] == 1.0
+    assert doc["results"]["batch_1"]["hf"]["token_agreement"] == 1.0
+
+    model = build_model("tiny", "cpu")
+    L, trace = model.config.num_hidden_layers, [5, 8, 2, 7, 8, 3, 6, 1, 4]
+    res, _, _ = replay_decode(model, torch.randint(0, 256, (1, 6)), len(trace) + 1, TracePolicy(L, trace, "exit"),
+                              compile=BACKEND)
+    assert res.exit_layers[0, 1:].tolist() == trace
