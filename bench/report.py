@@ -56,6 +56,21 @@ def speculative_table(doc):
     return lines
 
 
+def compile_table(doc):
+    o = doc["oracle"]
+    lines = [f"**Compiled decode** (`bench/bench_compile.py`, {doc['num_prompts']} Spec-Bench prompts, "
+             f"{doc['max_new_tokens']} new tokens, greedy, batch 1). " + _meta_line(doc["meta"]), "",
+             "| method | tok/s | vs HF static + compile | vs HF eager | agreement with full | mean exit layer "
+             "| first call s (compiles) |", "|---|---|---|---|---|---|---|"]
+    for name, r in doc["results"].items():
+        lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {r['vs_hf_static_compiled']:.2f}x | {r['vs_hf_eager']:.2f}x "
+                     f"| {r['token_agreement_with_full']:.1%} | {r['mean_exit_layer']:.1f} | {r['first_call_s']:.1f} |")
+    lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {doc['num_layers']}; with a compiled layer at "
+              f"{o['compiled_layer_ms']:.2f} ms and the head at {o['compiled_head_ms']:.2f} ms, layer skipping can buy "
+              f"at most {o['speedup_bound_vs_full']:.2f}x over full_compiled."]
+    return lines
+
+
 def ops_table(doc):
     cases = {}
     for r in doc["rows"]:
@@ -157,7 +172,7 @@ def predictors_table(doc):
 
 
 RENDER = {"e2e": e2e_table, "self_speculative": speculative_table, "ops": ops_table, "specee_bench": bench_table,
-          "replay": replay_table, "predictors": predictors_table}
+          "replay": replay_table, "predictors": predictors_table, "compile": compile_table}
 
 
 def render():
