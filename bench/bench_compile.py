@@ -189,7 +189,7 @@ def main(argv=None):
     compile_s = {}
     for name, h in how.items():  # first call of each method: compiles (transformers' and ours)
         before = compiled.compile_stats()["total"]
-        _, _, dt = run(model, warm_ids, warm_mask, h, 8)
+        _, _, dt = run(model, warm_ids, warm_mask, h, args.max_new_tokens)
         compile_s[name] = dict(first_call_s=dt, graph_compile_s=compiled.compile_stats()["total"] - before)
 
     tokens = {m: 0 for m in how}

@@ -29,11 +29,10 @@ class GptFastDecoder:
         self.step = torch.compile(self._step, mode=self.mode, fullgraph=True, dynamic=False)
         self.compile_seconds = None
 
-    def _step(self, x, k_layers, v_layers, present, slots, cos, sin, mask):
+    def _step(self, x, k_layers, v_layers, slots, cos, sin, mask):
         a = self.a
         for l in range(a.num_layers):
-            x = layer_step(x, a.weights[l], k_layers[l], v_layers[l], present[l], slots, cos, sin, mask,
-                           **a.static_args)
+            x = layer_step(x, a.weights[l], k_layers[l], v_layers[l], slots, cos, sin, mask, **a.static_args)
         return head_step(x[:, -1], a.norm.weight, a.lm_head.weight, a.shape.rms_eps).argmax(-1)
 
     @torch.no_grad()
@@ -50,8 +49,8 @@ class GptFastDecoder:
         rope = a.rope(x, cache.positions[:, :P])
         mask = cache.mask(None, slots, a.dtype, False)
         for l in range(a.num_layers):  # prefill, uncompiled: it runs once
-            x = layer_step(x, a.weights[l], cache.k_layers[l], cache.v_layers[l], cache.present[l], slots, *rope,
-                           mask, **a.static_args)
+            x = layer_step(x, a.weights[l], cache.k_layers[l], cache.v_layers[l], slots, *rope, mask,
+                           **a.static_args)
         tok = head_step(x[:, -1], a.norm.weight, a.lm_head.weight, a.shape.rms_eps).argmax(-1)
         out = [tok]
         for i in range(max_new_tokens - 1):
@@ -63,7 +62,7 @@ class GptFastDecoder:
             cos, sin = a.rope(x, pos)
             mask = cache.mask(None, slots, a.dtype, False)
             t = time.perf_counter()
-            tok = self.step(x, cache.k_layers, cache.v_layers, cache.present, slots, cos, sin, mask)
+            tok = self.step(x, cache.k_layers, cache.v_layers, slots, cos, sin, mask)
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - t
             if a.device.type == "cuda":

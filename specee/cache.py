@@ -16,7 +16,8 @@ from .models import ModelShape
 
 
 class KVCache:
-    """Static per-layer K/V buffers ``[layers, batch, kv_heads, max_len, head_dim]``.
+    """Static per-layer K/V buffers ``[layers, batch, kv_heads, max_len, head_dim]`` (``k_layers`` / ``v_layers``:
+    one ``[batch, kv_heads, max_len, head_dim]`` per layer; ``k`` / ``v`` hold all layers unless ``static``).
 
     Attributes
     ----------
@@ -32,10 +33,15 @@ class KVCache:
 
     def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False):
         kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
-        self.k = torch.zeros(kv, dtype=dtype, device=device)
-        self.v = torch.zeros(kv, dtype=dtype, device=device)
-        # per-layer views, made once: indexing the 5-D buffer on every update costs more than the copy
-        self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
+        if static:  # one buffer per layer: views of a 5-D buffer make dynamo guard on the base's layout
+            self.k = self.v = None
+            self.k_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
+            self.v_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
+        else:
+            self.k = torch.zeros(kv, dtype=dtype, device=device)
+            self.v = torch.zeros(kv, dtype=dtype, device=device)
+            # per-layer views, made once: indexing the 5-D buffer on every update costs more than the copy
+            self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
         self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
         self.token_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)

@@ -22,6 +22,7 @@ generation and C++ compilation; dynamo still traces once per process (seconds).
 from __future__ import annotations
 
 import time
+import types
 import warnings
 from functools import partial
 
@@ -33,7 +34,7 @@ from .models import DecoderAdapter
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 _BACKENDS = ("inductor", "aot_eager", "eager")
-_COMPILED: dict = {}          # (function name, backend, mode) -> compiled callable, shared by every engine
+_COMPILED: dict = {}          # (function, backend, mode, model signature) -> compiled callable, shared by engines
 COMPILE_SECONDS = {"total": 0.0, "graphs": 0}
 
 
@@ -50,12 +51,12 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def layer_step(x, w, k_cache, v_cache, present, slots, cos, sin, mask, eps: float, num_heads: int,
+def layer_step(x, w, k_cache, v_cache, slots, cos, sin, mask, eps: float, num_heads: int,
                num_kv_heads: int, head_dim: int, scale: float, act: str):
-    """One decoder layer over queries x [B, q, d] at cache ``slots`` [q]; writes their K/V and presence.
+    """One decoder layer over queries x [B, q, d] at cache ``slots`` [q]; writes their K/V.
 
     w: (ln1, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2, gate_w, gate_b, up_w, up_b, down_w, down_b),
-    biases None where the model has none. k_cache/v_cache [B, Hkv, S, D]; present [S] bool;
+    biases None where the model has none. k_cache/v_cache [B, Hkv, S, D];
     cos/sin [B, q, D]; mask [B, 1, q, S] bool (True = attend). Returns x after the layer.
     """
     ln1, q_w, q_b, k_w, k_b, v_w, v_b, o_w, o_b, ln2, g_w, g_b, u_w, u_b, d_w, d_b = w
@@ -70,7 +71,6 @@ def layer_step(x, w, k_cache, v_cache, present, slots, cos, sin, mask, eps: floa
     ks = ks * cos + _rotate_half(ks) * sin
     k_cache.index_copy_(2, slots, ks)
     v_cache.index_copy_(2, slots, vs)
-    present.index_fill_(0, slots, True)
     # Query heads h = kv * rep + r share KV head kv: pack them as rep * q queries of that KV head.
     packed = qs.reshape(B, num_kv_heads, rep * q, head_dim)
     out = F.scaled_dot_product_attention(packed, k_cache, v_cache, attn_mask=mask.repeat(1, 1, rep, 1), scale=scale)
@@ -132,15 +132,15 @@ def _timed_backend(backend: str, mode):
     return compile_graph
 
 
-def _compiled(fn, opts):
-    key = (fn.__name__, opts["backend"], opts["mode"])
+def _compiled(fn, opts, signature):
+    """``fn`` compiled for one model signature (shapes, dtype, device). Dynamo keeps its graphs, and its budget
+    of recompiles (8 by default), per code object: a private copy of ``fn``'s code per signature keeps models
+    from using up each other's budget, without raising torch's limit for everyone else in the process."""
+    key = (fn.__name__, opts["backend"], opts["mode"], signature)
     if key not in _COMPILED:
-        # Each model shape (and batch 1 / batch > 1, one / several queries) is a graph of the same function;
-        # torch's default of 8 graphs per function is too few for a process that serves several models.
-        for name in ("recompile_limit", "cache_size_limit"):
-            if hasattr(torch._dynamo.config, name):
-                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
-        _COMPILED[key] = torch.compile(fn, backend=_timed_backend(opts["backend"], opts["mode"]), fullgraph=True)
+        private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                     fn.__closure__)
+        _COMPILED[key] = torch.compile(private, backend=_timed_backend(opts["backend"], opts["mode"]), fullgraph=True)
     return _COMPILED[key]
 
 
@@ -158,13 +158,12 @@ def _unsupported(model) -> str | None:
     return None
 
 
-def _dynamic_dims(x, k_cache, v_cache, present, slots, cos, sin, mask):
+def _dynamic_dims(x, k_cache, v_cache, slots, cos, sin, mask):
     """Mark the sizes that vary between calls dynamic (once compiled, every later size reuses the graph).
     Size-1 dims stay static (torch specializes them), so q = 1 and batch 1 get graphs of their own."""
     mark = torch._dynamo.maybe_mark_dynamic
     for t in (k_cache, v_cache):
         mark(t, 2)
-    mark(present, 0)
     mark(mask, 3)
     if x.shape[0] > 1:
         for t in (x, k_cache, v_cache, cos, sin, mask):
@@ -192,8 +191,9 @@ class CompiledAdapter(DecoderAdapter):
         self.static_args = dict(eps=s.rms_eps, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                                 head_dim=s.head_dim, scale=float(scale), act=getattr(cfg, "hidden_act", "silu"))
         self.weights = [self._layer_weights(layer) for layer in self.layers]
-        self._layer = _compiled(layer_step, self.opts)
-        self._head = _compiled(head_step, self.opts)
+        signature = (s, self.dtype, str(self.device), tuple(w is None for w in self.weights[0]))
+        self._layer = _compiled(layer_step, self.opts, signature)
+        self._head = _compiled(head_step, self.opts, signature)
 
     @staticmethod
     def _layer_weights(layer):
@@ -208,10 +208,14 @@ class CompiledAdapter(DecoderAdapter):
     def layer(self, idx, hidden, mask, position_ids, position_embeddings, kv_view):
         if mask is None or mask.dtype != torch.bool:
             raise RuntimeError("CompiledAdapter needs a boolean mask over the whole static cache (KVCache(static=True)).")
-        c, slots = kv_view.cache, kv_view.slots
-        cos, sin = (t.contiguous() for t in position_embeddings)  # slices of a longer step's rope: strides vary
-        args = (hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], c.present[idx], slots, cos, sin, mask)
+        c = kv_view.cache
+        # The engine hands over slices and index results alike; dynamo guards on strides (even of size-1 dims)
+        # and on a view's base, so one of each would be two graphs: give every call fresh, dense inputs (KBs).
+        hidden, slots, cos, sin, mask = (t.clone(memory_format=torch.contiguous_format)
+                                         for t in (hidden, kv_view.slots, *position_embeddings, mask))
+        args = (hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], slots, cos, sin, mask)
         _dynamic_dims(hidden, *args[2:])
+        c.present[idx].index_fill_(0, slots, True)
         return self._layer(*args, **self.static_args)
 
     def logits(self, hidden):

@@ -128,8 +128,8 @@ class Engine:
             rope = self.adapter.rope(hidden, pos)
             for l in range(reached, L):
                 k, v = self.adapter.kv_projection(l, hidden, rope)
-                cache.k[l, :, :, slot: slot + 1] = k
-                cache.v[l, :, :, slot: slot + 1] = v
+                cache.k_layers[l][:, :, slot: slot + 1] = k
+                cache.v_layers[l][:, :, slot: slot + 1] = v
                 cache.present[l, slot] = True
         elif self.kv_policy == "deferred":
             self.pending.push(slot, reached, hidden)

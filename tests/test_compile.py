@@ -40,17 +40,18 @@ def test_layer_step_matches_transformers_layer(family, B, q):
         c = KVCache(a.shape, B, S, a.dtype, "cpu", static=static)
         c.append(torch.ones(B, past + q, dtype=torch.bool), torch.arange(past + q).expand(B, -1))
         torch.manual_seed(1)
-        c.k[:, :, :, :past] = torch.randn_like(c.k[:, :, :, :past])
-        c.v[:, :, :, :past] = torch.randn_like(c.v[:, :, :, :past])
+        for kv in (c.k_layers, c.v_layers):
+            for t in kv:
+                t[:, :, :past] = torch.randn_like(t[:, :, :past])
         caches.append(c)
     ref = a.layer(1, x, caches[0].mask(None, slots, a.dtype, False), pos, rope,
                   caches[0].view(slots, slice(past, past + q)))
     c = caches[1]
-    got = compiled.layer_step(x, ca.weights[1], c.k_layers[1], c.v_layers[1], c.present[1], slots, *rope,
+    got = compiled.layer_step(x, ca.weights[1], c.k_layers[1], c.v_layers[1], slots, *rope,
                               c.mask(None, slots, a.dtype, False), **ca.static_args)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(c.k[1, :, :, : past + q], caches[0].k[1, :, :, : past + q])
-    assert bool(c.present[1, slots].all())
+    torch.testing.assert_close(c.k_layers[1][:, :, : past + q], caches[0].k[1, :, :, : past + q])
+    torch.testing.assert_close(c.v_layers[1][:, :, : past + q], caches[0].v[1, :, :, : past + q])
     torch.testing.assert_close(ca.logits(ref[:, -1]), a.logits(ref[:, -1]), rtol=1e-5, atol=1e-5)
 
 
