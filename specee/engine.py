@@ -151,13 +151,20 @@ class Engine:
             pend.advance(l + 1, a.num_layers)
 
     # ------------------------------------------------------------------ decode
-    @torch.no_grad()
-    def decode(self, input_ids, attention_mask=None, *, logits_processor=None, stopping_criteria=None,
-               generation_config=None, streamer=None, max_length: int | None = None) -> DecodeResult:
+    def decode(self, input_ids, attention_mask=None, **kwargs) -> DecodeResult:
         """Generate until ``stopping_criteria`` (transformers') says every row is done.
 
-        Shape: input_ids [B, P] left-padded; attention_mask [B, P] or None.
+        Shape: input_ids [B, P] left-padded; attention_mask [B, P] or None. Keywords: ``logits_processor``,
+        ``stopping_criteria``, ``generation_config``, ``streamer``, ``max_length``.
         """
+        try:
+            return self._decode(input_ids, attention_mask, **kwargs)
+        finally:
+            self.policy.finish()
+
+    @torch.no_grad()
+    def _decode(self, input_ids, attention_mask=None, *, logits_processor=None, stopping_criteria=None,
+                generation_config=None, streamer=None, max_length: int | None = None) -> DecodeResult:
         a = self.adapter
         device = input_ids.device
         B, P = input_ids.shape

@@ -101,6 +101,9 @@ class Policy:
     def observe(self, exit_layers: torch.Tensor):
         """Called after each step with the per-row exit layers (contextual scheduling hooks in here)."""
 
+    def finish(self):
+        """Called once when a decode ends (also on an error): release what ``reset`` set up."""
+
 
 class FullPolicy(Policy):
     name = "full"
@@ -208,6 +211,10 @@ class EarlyExitPolicy(ExitPolicyBase):
     def observe(self, exit_layers):
         if hasattr(self.config.predictor, "observe"):
             self.config.predictor.observe(exit_layers)
+
+    def finish(self):
+        if hasattr(self.config.predictor, "finish"):
+            self.config.predictor.finish()
 
 
 _POLICIES = {"full": FullPolicy, "skipdecode": SkipDecodePolicy, "confidence": ConfidencePolicy,

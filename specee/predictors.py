@@ -176,6 +176,7 @@ class PredictorBank:
         self.metrics = metrics or {}
         self.set_thresholds(thresholds)
         self._tap = None
+        self._model = None
         self._zeros = None  # [B, V] returned with "no exit" (never written, so shared across steps)
         self.stats = {}
         self.reset(1)
@@ -216,11 +217,21 @@ class PredictorBank:
         return self
 
     def attach(self, model):
-        """Feed the draft source the tokens entering ``model`` (a forward hook on its embedding).
+        """Feed the draft source the tokens entering ``model`` (a forward hook on its embedding) while this
+        bank decodes: from ``reset`` (the engine's start) to ``finish`` (its end).
 
         NOTE: the engine's predictor interface (reset/decide/observe) passes no token ids, and an
-        n-gram source needs them; the hook reads them where the engine already sends them.
+        n-gram source needs them; the hook reads them where the engine already sends them. Outside a
+        decode the hook is removed, so other forwards of the model (``model.generate``, a compiled
+        forward that dynamo would trace into the hook) neither feed nor see it.
         """
+        self._model = weakref.ref(model)
+        return self
+
+    def _hook(self):
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
         self.detach()
         bank = weakref.ref(self)  # the hook must not keep a discarded bank (and its tables) alive
 
@@ -233,17 +244,21 @@ class PredictorBank:
 
         handle = model.get_input_embeddings().register_forward_hook(tap)
         self._tap = handle
-        return self
 
     def detach(self):
         if self._tap is not None:
             self._tap.remove()
             self._tap = None
 
+    def finish(self):
+        """The engine's decode ended: stop listening to the model."""
+        self.detach()
+
     # -------------------------------------------------------------------------------------- engine calls
     def reset(self, batch_size: int):
         self.batch_size = batch_size
         self.draft.reset(batch_size)
+        self._hook()
         self.history = [deque(maxlen=max(1, self.window)) for _ in range(batch_size)]
         self.stats = dict(steps=0, evaluations=0, fired=0, exits=0, host_syncs=0)
         self._fed_prompt = False

@@ -316,8 +316,29 @@ def test_a_discarded_bank_leaves_no_hook_behind():
     model = make_tiny("llama")
     emb = model.get_input_embeddings()
     bank = PredictorBank(random_mlps([1]), 0.5, NGramSource(K)).attach(model)
+    bank.reset(1)  # a decode started (and was abandoned without finish)
     assert len(emb._forward_hooks) == 1
     del bank
     gc.collect()
     model(torch.tensor([[3, 4]]))  # the orphaned hook removes itself on its next call
     assert len(emb._forward_hooks) == 0
+
+
+def test_the_bank_listens_to_the_model_only_while_it_decodes():
+    """The n-gram draft's hook exists from the engine's reset to its end: other forwards of the model (HF generate,
+    a compiled forward dynamo would trace into the hook) neither feed the bank nor run its Python."""
+    model = make_tiny("llama")
+    bank = PredictorBank(always_fire(range(1, 3)), 0.5, NGramSource(K)).attach(model)
+    emb = model.get_input_embeddings()
+    assert not emb._forward_hooks
+    ids, mask = left_padded_batch([5, 3])
+    specee.generate(model, ids, mask, mode="early_exit", exit_config={"predictor": bank}, max_new_tokens=4)
+    assert not emb._forward_hooks
+    seen = []
+    bank._feed = lambda input_ids: seen.append(input_ids)
+    bank.reset(2)
+    model(ids)
+    assert len(seen) == 1, "during a decode the hook feeds the bank"
+    bank.finish()
+    model(ids)
+    assert len(seen) == 1 and not emb._forward_hooks
