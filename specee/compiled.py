@@ -80,6 +80,13 @@ def layer_step(x, w, k_cache, v_cache, slots, cos, sin, mask, eps: float, num_he
     return x + F.linear(_ACTIVATIONS[act](F.linear(h, g_w, g_b)) * F.linear(h, u_w, u_b), d_w, d_b)
 
 
+def stack_step(x, ws, ks, vs, slots, cos, sin, mask, **static):
+    """Layers 0..n-1 (n = len(ws)) in one graph: the whole step of a step that tests no exit."""
+    for w, k, v in zip(ws, ks, vs):
+        x = layer_step(x, w, k, v, slots, cos, sin, mask, **static)
+    return x
+
+
 def head_step(hidden, norm_w, head_w, eps: float):
     """Final norm and LM head: fp32 logits of hidden [..., d]."""
     return F.linear(rms_norm(hidden, norm_w, eps), head_w).float()
@@ -158,15 +165,24 @@ def _unsupported(model) -> str | None:
     return None
 
 
-def _dynamic_dims(x, k_cache, v_cache, slots, cos, sin, mask):
+def _mark_cache(cache):
+    """Mark the cache's sizes that vary between generations dynamic, once per cache."""
+    if getattr(cache, "_marked_dynamic", False):
+        return
+    for t in (*cache.k_layers, *cache.v_layers):
+        torch._dynamo.maybe_mark_dynamic(t, 2)
+        if t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    cache._marked_dynamic = True
+
+
+def _dynamic_dims(x, slots, cos, sin, mask):
     """Mark the sizes that vary between calls dynamic (once compiled, every later size reuses the graph).
     Size-1 dims stay static (torch specializes them), so q = 1 and batch 1 get graphs of their own."""
     mark = torch._dynamo.maybe_mark_dynamic
-    for t in (k_cache, v_cache):
-        mark(t, 2)
     mark(mask, 3)
     if x.shape[0] > 1:
-        for t in (x, k_cache, v_cache, cos, sin, mask):
+        for t in (x, cos, sin, mask):
             mark(t, 0)
     if x.shape[1] > 1:
         for t, d in ((x, 1), (cos, 1), (sin, 1), (mask, 2), (slots, 0)):
@@ -191,9 +207,10 @@ class CompiledAdapter(DecoderAdapter):
         self.static_args = dict(eps=s.rms_eps, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                                 head_dim=s.head_dim, scale=float(scale), act=getattr(cfg, "hidden_act", "silu"))
         self.weights = [self._layer_weights(layer) for layer in self.layers]
-        signature = (s, self.dtype, str(self.device), tuple(w is None for w in self.weights[0]))
-        self._layer = _compiled(layer_step, self.opts, signature)
-        self._head = _compiled(head_step, self.opts, signature)
+        self.signature = (s, self.dtype, str(self.device), tuple(w is None for w in self.weights[0]))
+        self._layer = _compiled(layer_step, self.opts, self.signature)
+        self._head = _compiled(head_step, self.opts, self.signature)
+        self._stacks = {}
 
     @staticmethod
     def _layer_weights(layer):
@@ -206,17 +223,32 @@ class CompiledAdapter(DecoderAdapter):
                 layer.post_attention_layernorm.weight, *wb(mlp.gate_proj), *wb(mlp.up_proj), *wb(mlp.down_proj))
 
     def layer(self, idx, hidden, mask, position_ids, position_embeddings, kv_view):
+        c, (hidden, slots, cos, sin, mask) = self._inputs(hidden, mask, position_embeddings, kv_view)
+        c.present[idx].index_fill_(0, slots, True)
+        return self._layer(hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], slots, cos, sin, mask,
+                           **self.static_args)
+
+    def stack(self, n, hidden, mask, position_ids, position_embeddings, kv_view):
+        """Layers 0..n-1 in one compiled call (one graph per n: the engine uses it for full-depth steps)."""
+        c, (hidden, slots, cos, sin, mask) = self._inputs(hidden, mask, position_embeddings, kv_view)
+        for l in range(n):
+            c.present[l].index_fill_(0, slots, True)
+        if n not in self._stacks:
+            self._stacks[n] = _compiled(stack_step, self.opts, (*self.signature, n))
+        return self._stacks[n](hidden, tuple(self.weights[:n]), c.k_layers[:n], c.v_layers[:n], slots, cos, sin,
+                               mask, **self.static_args)
+
+    def _inputs(self, hidden, mask, position_embeddings, kv_view):
         if mask is None or mask.dtype != torch.bool:
             raise RuntimeError("CompiledAdapter needs a boolean mask over the whole static cache (KVCache(static=True)).")
         c = kv_view.cache
+        _mark_cache(c)
         # The engine hands over slices and index results alike; dynamo guards on strides (even of size-1 dims)
         # and on a view's base, so one of each would be two graphs: give every call fresh, dense inputs (KBs).
         hidden, slots, cos, sin, mask = (t.clone(memory_format=torch.contiguous_format)
                                          for t in (hidden, kv_view.slots, *position_embeddings, mask))
-        args = (hidden, self.weights[idx], c.k_layers[idx], c.v_layers[idx], slots, cos, sin, mask)
-        _dynamic_dims(hidden, *args[2:])
-        c.present[idx].index_fill_(0, slots, True)
-        return self._layer(*args, **self.static_args)
+        _dynamic_dims(hidden, slots, cos, sin, mask)
+        return c, (hidden, slots, cos, sin, mask)
 
     def logits(self, hidden):
         # A row slice (hidden[:, -1]) keeps the parent's strides and offset, which dynamo guards on: copy it.

@@ -79,6 +79,12 @@ class Engine:
             B, V = hidden.shape[0], a.shape.vocab_size
             exits = dict(done=finished.clone(), logits=torch.zeros(B, V, device=hidden.device),
                          layer=torch.zeros(B, dtype=torch.long, device=hidden.device), all_exited=False)
+        if (a.static and not pend and shared_mask is not None and len(slots) == 1 and not plan.eval_layers
+                and plan.layers == self.policy._all.layers):
+            # A full-depth decode step that tests no exit: one compiled graph for the whole stack (as a
+            # gpt-fast step), not one call per layer.
+            hidden = a.stack(a.num_layers, hidden, shared_mask, position_ids, (cos, sin), cache.view(cur_t, contiguous))
+            return hidden, plan.layers, None
         run = 0
         for l in plan.layers:
             active = pend.active(l) if pend else []
