@@ -247,7 +247,7 @@ def plot(doc, path):
     names = list(res)
     fig, ax = plt.subplots(figsize=(8, 4))
     vals = [res[n]["vs_hf_static_compiled"] for n in names]
-    ax.bar(names, vals, color=["#999" if n.startswith("hf") else "#2a7" for n in names])
+    ax.bar(names, vals, color=["#999" if n.startswith(("hf", "gptfast")) else "#2a7" for n in names])
     ax.axhline(1.0, color="k", lw=0.8)
     full = res["full_compiled"]["vs_hf_static_compiled"]
     ax.axhline(full * doc["oracle"]["speedup_bound_vs_full"], color="r", ls="--", lw=1,
