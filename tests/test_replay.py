@@ -89,10 +89,14 @@ def test_bench_replay_cli_on_a_tiny_shape(tmp_path, capsys):
     assert set(doc["results"]) == {"full", "planned", "exit", "all"}
     for name, r in doc["results"].items():
         assert r["trace_followed"] is True
-        for k in ("ms_per_token", "speedup_vs_full", "ideal_speedup", "fraction_of_ideal", "host_syncs_per_token"):
-            assert math.isfinite(r[k]) and r[k] > 0, (name, k)
+        # Timings of an 8-token decode of a tiny model on a shared CPU are noise-sized (a per-token time is a
+        # difference of two runs and can come out negative): only finite is asserted of them.
+        for k in ("ms_per_token", "speedup_vs_full", "ideal_speedup", "fraction_of_ideal"):
+            assert math.isfinite(r[k]), (name, k)
+        assert r["host_syncs_per_token"] > 0
         assert 1 <= r["mean_exit_layer"] <= 8
-        assert r["ideal_speedup"] >= 1.0
+        if doc["layer_ms"] > 0:
+            assert r["ideal_speedup"] >= 1.0
     assert doc["results"]["full"]["ideal_speedup"] == 1.0
     assert doc["results"]["planned"]["host_syncs_per_token"] == 1.0, "a planned depth reads back once per token"
     assert doc["results"]["planned"]["layer_syncs_per_token"] == 0.0
