@@ -29,6 +29,8 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
 from .models import DecoderAdapter
 
 _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
@@ -46,11 +48,6 @@ def rms_norm(x, weight, eps: float):
     return weight * h.to(dtype)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def layer_step(x, w, k_cache, v_cache, slots, cos, sin, mask, eps: float, num_heads: int,
                num_kv_heads: int, head_dim: int, scale: float, act: str):
     """One decoder layer over queries x [B, q, d] at cache ``slots`` [q]; writes their K/V.
@@ -66,9 +63,7 @@ def layer_step(x, w, k_cache, v_cache, slots, cos, sin, mask, eps: float, num_he
     qs = F.linear(h, q_w, q_b).view(B, q, num_heads, head_dim).transpose(1, 2)
     ks = F.linear(h, k_w, k_b).view(B, q, num_kv_heads, head_dim).transpose(1, 2)
     vs = F.linear(h, v_w, v_b).view(B, q, num_kv_heads, head_dim).transpose(1, 2)
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    qs = qs * cos + _rotate_half(qs) * sin
-    ks = ks * cos + _rotate_half(ks) * sin
+    qs, ks = apply_rotary_pos_emb(qs, ks, cos, sin)
     k_cache.index_copy_(2, slots, ks)
     v_cache.index_copy_(2, slots, vs)
     # Query heads h = kv * rep + r share KV head kv: pack them as rep * q queries of that KV head.
@@ -231,8 +226,7 @@ class CompiledAdapter(DecoderAdapter):
     def stack(self, n, hidden, mask, position_ids, position_embeddings, kv_view):
         """Layers 0..n-1 in one compiled call (one graph per n: the engine uses it for full-depth steps)."""
         c, (hidden, slots, cos, sin, mask) = self._inputs(hidden, mask, position_embeddings, kv_view)
-        for l in range(n):
-            c.present[l].index_fill_(0, slots, True)
+        c.present[:n].index_fill_(1, slots, True)
         if n not in self._stacks:
             self._stacks[n] = _compiled(stack_step, self.opts, (*self.signature, n))
         return self._stacks[n](hidden, tuple(self.weights[:n]), c.k_layers[:n], c.v_layers[:n], slots, cos, sin,

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from transformers.models.llama.modeling_llama import rotate_half
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -102,11 +103,8 @@ class DecoderAdapter:
         shape = (*x.shape[:-1], -1, self.shape.head_dim)
         k = attn.k_proj(x).view(shape).transpose(1, 2)
         v = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        half = k.shape[-1] // 2
-        rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
-        return k * cos + rotated * sin, v
+        k = k * position_embeddings[0].unsqueeze(1) + rotate_half(k) * position_embeddings[1].unsqueeze(1)
+        return k, v
 
     def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.norm(hidden)
