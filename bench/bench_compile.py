@@ -2,7 +2,7 @@
 
     python bench/bench_compile.py [--num-prompts 6] [--max-new-tokens 64] [--threads 1]
                                   [--modes skipdecode confidence early_exit self_speculative] [--out compile_cpu]
-    python bench/bench_compile.py --shape llama2-7b --device cuda --batch-sizes 1 16 --out compile_<gpu>
+    python bench/bench_compile.py --shape llama2-7b --device cuda --batch-sizes 1 16 --graphs --out compile_<gpu>
 
 Methods (greedy, batch 1, the default model, Spec-Bench prompts spread over categories):
   hf_eager            model.generate
@@ -14,6 +14,7 @@ Methods (greedy, batch 1, the default model, Spec-Bench prompts spread over cate
   full_eager          specee full
   full_compiled       specee full, compile=True
   <mode>_compiled     specee <mode>, compile=True (the exit modes)
+  <mode>_graphs       the same with compile=dict(graphs=True): per-layer CUDA graphs (--graphs, GPU only)
 Every prompt is decoded by every method in turn, after a warm-up that compiles (its seconds are
 reported apart, per method). Reports tokens/s, speedup over hf_static_compiled and over hf_eager,
 token agreement with full greedy, mean exit layer, and the oracle bound priced with the compiled
@@ -41,19 +42,22 @@ from specee.bench import DEFAULT_CONFIGS, hf_static_compiled, oracle_exits  # no
 from specee.prompts import encode, new_tokens  # noqa: E402
 
 
-def methods(model, modes, max_cache_len):
+def methods(model, modes, max_cache_len, graphs=False):
+    """The methods to time; with ``graphs`` each compiled specee method gets a ``*_graphs`` twin (CUDA graphs)."""
     L = model.config.num_hidden_layers
     m = {"hf_eager": ("hf", model.generate),
          "hf_static_compiled": ("hf", hf_static_compiled(model, max_cache_len=max_cache_len)),
          "gptfast_compiled": ("gptfast", (GptFastDecoder(model), max_cache_len)),
-         "full_eager": ("specee", dict(mode="full")), "full_compiled": ("specee", dict(mode="full", compile=True))}
-    for mode in modes:
+         "full_eager": ("specee", dict(mode="full"))}
+    for mode in ("full", *modes):
         cfg = DEFAULT_CONFIGS[mode](L) if mode in DEFAULT_CONFIGS else None
         if mode == "early_exit":
             from specee.predictors import load_predictors
 
             cfg = {"predictor": load_predictors(None, model)}
         m[f"{mode}_compiled"] = ("specee", dict(mode=mode, exit_config=cfg, compile=True))
+        if graphs:
+            m[f"{mode}_graphs"] = ("specee", dict(mode=mode, exit_config=cfg, compile=dict(graphs=True)))
     return m
 
 
@@ -107,7 +111,7 @@ def main_shape(args):
     for bs in args.batch_sizes:
         ids = torch.randint(0, model.config.vocab_size, (bs, args.prompt_len), generator=g).to(dev)
         mask = torch.ones_like(ids)
-        how = methods(model, [], max_cache_len=args.prompt_len + N)
+        how = methods(model, [], max_cache_len=args.prompt_len + N, graphs=args.graphs)
         first = {name: run(model, ids, mask, h, 8)[2] for name, h in how.items()}  # compiles
         secs = {name: [] for name in how}
         seqs = {}
@@ -173,6 +177,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="--shape: batch sizes")
     ap.add_argument("--prompt-len", type=int, default=32, help="--shape: random prompt tokens")
     ap.add_argument("--reps", type=int, default=3, help="--shape: interleaved repetitions (median kept)")
+    ap.add_argument("--graphs", action="store_true", help="also run each compiled specee method with "
+                    "compile=dict(graphs=True): per-layer CUDA graphs (GPU only; rows named *_graphs)")
     args = ap.parse_args(argv)
     from tqdm.auto import tqdm
 
@@ -183,7 +189,7 @@ def main(argv=None):
     L = model.config.num_hidden_layers
     prompts = pick_prompts(args.prompts, args.num_prompts)
     longest = max(encode(tok, [p.text])[0].shape[1] for p in prompts)
-    how = methods(model, args.modes, max_cache_len=longest + args.max_new_tokens)
+    how = methods(model, args.modes, max_cache_len=longest + args.max_new_tokens, graphs=args.graphs)
 
     warm_ids, warm_mask = encode(tok, [prompts[0].text])
     compile_s = {}

@@ -28,6 +28,19 @@ class GptFastDecoder:
         self.mode = mode or ("reduce-overhead" if cuda else "default")
         self.step = torch.compile(self._step, mode=self.mode, fullgraph=True, dynamic=False)
         self.compile_seconds = None
+        self._cache = None
+
+    def _new_cache(self, B, S, device):
+        """One cache per (batch, slots), reused and zeroed: CUDA-graph trees read mutated inputs only at static
+        addresses (``mark_static_address``, as gpt-fast's module buffers and transformers' StaticCache)."""
+        c = self._cache
+        if c is None or c.k_layers[0].shape[0] != B or c.max_len != S:
+            c = KVCache(self.a.shape, B, S, self.a.dtype, device, static=True)
+            for t in (*c.k_layers, *c.v_layers):
+                torch._dynamo.mark_static_address(t)
+            self._cache = c
+        return KVCache(self.a.shape, B, S, self.a.dtype, device, static=True,
+                       buffers=(c.k_layers, c.v_layers, c.present))
 
     def _step(self, x, k_layers, v_layers, slots, cos, sin, mask):
         a = self.a
@@ -41,7 +54,7 @@ class GptFastDecoder:
         a = self.a
         B, P = input_ids.shape
         S = max_len or P + max_new_tokens
-        cache = KVCache(a.shape, B, S, a.dtype, input_ids.device, static=True)
+        cache = self._new_cache(B, S, input_ids.device)
         cache.append(torch.ones(B, P, dtype=torch.bool, device=input_ids.device),
                      torch.arange(P, device=input_ids.device).expand(B, P))
         slots = torch.arange(P, device=input_ids.device)

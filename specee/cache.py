@@ -27,13 +27,26 @@ class KVCache:
         Slot s of row b holds a real token (False for left padding).
     positions : LongTensor [batch, max_len]
         The RoPE position of each slot in its row.
+    limit : int
+        Slots tokens may use (``max_len`` unless the cache keeps scratch slots at its end).
     length : int
         Slots in use (a host-side int: it is fixed by the schedule, not by device values).
     """
 
-    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False):
+    def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False,
+                 buffers: tuple | None = None, limit: int | None = None):
         kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
-        if static:  # one buffer per layer: views of a 5-D buffer make dynamo guard on the base's layout
+        if buffers is not None:  # (k_layers, v_layers, present) kept across generations (CUDA graphs read them)
+            if not static:
+                raise ValueError("KVCache(buffers=...) reuses per-layer static buffers: pass static=True.")
+            self.k = self.v = None
+            self.k_layers, self.v_layers, self.present = buffers
+            if self.k_layers[0].shape != kv[1:] or self.present.shape != (kv[0], max_len):
+                raise ValueError(f"KVCache buffers have shape {tuple(self.k_layers[0].shape)} per layer, "
+                                 f"expected {kv[1:]}.")
+            for t in (*self.k_layers, *self.v_layers, self.present):
+                t.zero_()
+        elif static:  # one buffer per layer: views of a 5-D buffer make dynamo guard on the base's layout
             self.k = self.v = None
             self.k_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
             self.v_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
@@ -42,10 +55,13 @@ class KVCache:
             self.v = torch.zeros(kv, dtype=dtype, device=device)
             # per-layer views, made once: indexing the 5-D buffer on every update costs more than the copy
             self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
-        self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
+        if buffers is None:
+            self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
         self.token_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
+        # Slots tokens may use; those above are scratch (specee.graphs captures there), never attended.
+        self.limit = max_len if limit is None else limit
         self.length = 0
         self.has_holes = False
         self.all_valid = True  # host-side: no padding and no rolled-back slot so far (set by the engine)
@@ -55,8 +71,8 @@ class KVCache:
     def append(self, valid: torch.Tensor, positions: torch.Tensor) -> slice:
         """Reserve the next ``valid.shape[1]`` slots for new tokens; returns their slot range."""
         n = valid.shape[1]
-        if self.length + n > self.max_len:
-            raise ValueError(f"KV cache is full ({self.max_len} slots); raise max_length or max_new_tokens' budget.")
+        if self.length + n > self.limit:
+            raise ValueError(f"KV cache is full ({self.limit} slots); raise max_length or max_new_tokens' budget.")
         slots = slice(self.length, self.length + n)
         self.token_valid[:, slots] = valid
         self.positions[:, slots] = positions

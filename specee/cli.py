@@ -25,6 +25,21 @@ def _add_decode_args(p, default_mode):
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
                    help="decode through compiled code (torch.compile, inductor; or the dynamo BACKEND named: "
                    "aot_eager, eager); the first run compiles, its time is printed apart")
+    _add_graphs_arg(p)
+
+
+def _add_graphs_arg(p):
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="with --compile (implied): replay each compiled layer as a CUDA graph over a persistent KV "
+                   "cache (GPU only; see specee.graphs)")
+
+
+def _compile_option(args):
+    """--compile [BACKEND] and --cuda-graphs as the compile= value of specee.generate."""
+    backend = getattr(args, "compile", False)
+    if not getattr(args, "cuda_graphs", False):
+        return backend
+    return dict(backend=backend if isinstance(backend, str) else "inductor", graphs=True)
 
 
 def build_parser():
@@ -95,6 +110,7 @@ def build_parser():
     be.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
                     help="run specee's modes (and --replay) compiled (torch.compile; or the dynamo BACKEND named); "
                     "the warm-up compiles every graph, its seconds are reported apart")
+    _add_graphs_arg(be)
     be.add_argument("--peers", nargs="*", default=[], choices=("llama_cpp", "hf_compile"),
                     help="also measure the peers a user would otherwise pick, in the same run: llama_cpp "
                     "(llama-cpp-python on the default model's GGUF, same thread count), hf_compile (HF generate, "
@@ -122,6 +138,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if hasattr(args, "compile"):
+        args.compile = _compile_option(args)
     from . import demo
 
     try:

@@ -88,18 +88,25 @@ def head_step(hidden, norm_w, head_w, eps: float):
 
 
 def parse_compile(value) -> dict | None:
-    """``compile=`` of generate(): False/None, True (inductor), a backend name, or a dict(backend=, mode=)."""
+    """``compile=`` of generate(): False/None, True (inductor), a backend name, or a dict(backend=, mode=, graphs=).
+
+    ``graphs=True`` replays the compiled layers as hand-captured CUDA graphs (``specee.graphs``); ``"host"``
+    runs that path on the CPU without graphs (tests)."""
     if value is None or value is False:
         return None
     if value is True:
-        opts = {"backend": "inductor", "mode": None}
+        opts = {"backend": "inductor", "mode": None, "graphs": False}
     elif isinstance(value, str):
-        opts = {"backend": value, "mode": None}
+        opts = {"backend": value, "mode": None, "graphs": False}
     elif isinstance(value, dict):
-        unknown = set(value) - {"backend", "mode"}
+        unknown = set(value) - {"backend", "mode", "graphs"}
         if unknown:
-            raise ValueError(f"unknown compile options {sorted(unknown)}; give compile=dict(backend=..., mode=...).")
-        opts = {"backend": value.get("backend", "inductor"), "mode": value.get("mode")}
+            raise ValueError(f"unknown compile options {sorted(unknown)}; give "
+                             "compile=dict(backend=..., mode=..., graphs=...).")
+        opts = {"backend": value.get("backend", "inductor"), "mode": value.get("mode"),
+                "graphs": value.get("graphs", False)}
+        if opts["graphs"] not in (False, True, "host"):
+            raise ValueError(f"compile graphs={opts['graphs']!r}: use True (CUDA graphs), False or 'host'.")
     else:
         raise TypeError(f"compile must be a bool, a backend name or a dict, got {type(value).__name__}.")
     if opts["backend"] not in _BACKENDS:
@@ -108,7 +115,7 @@ def parse_compile(value) -> dict | None:
         raise ValueError(
             f"compile mode {opts['mode']!r} is not supported: torch's CUDA-graph modes ('reduce-overhead', "
             "'max-autotune') re-record a graph whenever the weight inputs change, which is every layer here; "
-            "use the default mode.")
+            "use the default mode (and graphs=True for specee's own per-layer CUDA graphs).")
     return opts
 
 
@@ -184,6 +191,25 @@ def _dynamic_dims(x, slots, cos, sin, mask):
             mark(t, d)
 
 
+def _source(t):
+    """What identifies a tensor's contents without reading them: its base object (held by the caller, so its
+    memory cannot be reused meanwhile), view geometry and version counter (bumped by in-place writes)."""
+    base = t._base if t._base is not None else t
+    return base, (t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+
+
+def _is_dense(t) -> bool:
+    """Not a view, and strided exactly as a fresh contiguous tensor (dynamo guards on size-1 dims' strides too)."""
+    if t._base is not None or t.storage_offset():
+        return False
+    stride, expect = t.stride(), 1
+    for size, st in zip(reversed(t.shape), reversed(stride)):
+        if st != expect:
+            return False
+        expect *= size
+    return True
+
+
 class CompiledAdapter(DecoderAdapter):
     """A DecoderAdapter whose layers and head run through compiled functional code over a static cache."""
 
@@ -206,6 +232,7 @@ class CompiledAdapter(DecoderAdapter):
         self._layer = _compiled(layer_step, self.opts, self.signature)
         self._head = _compiled(head_step, self.opts, self.signature)
         self._stacks = {}
+        self._dense_inputs = {}  # name -> (source base, geometry, dense copy): a step's rope and mask copied once
 
     @staticmethod
     def _layer_weights(layer):
@@ -238,11 +265,22 @@ class CompiledAdapter(DecoderAdapter):
         c = kv_view.cache
         _mark_cache(c)
         # The engine hands over slices and index results alike; dynamo guards on strides (even of size-1 dims)
-        # and on a view's base, so one of each would be two graphs: give every call fresh, dense inputs (KBs).
-        hidden, slots, cos, sin, mask = (t.clone(memory_format=torch.contiguous_format)
-                                         for t in (hidden, kv_view.slots, *position_embeddings, mask))
+        # and on a view's base, so one of each would be two graphs: give every call dense inputs (KBs), copied
+        # once per step (the slots, rope and mask of a step are the same tensors for all its layers).
+        if not _is_dense(hidden):
+            hidden = hidden.clone(memory_format=torch.contiguous_format)
+        slots, cos, sin, mask = (self._dense(name, t) for name, t in
+                                 (("slots", kv_view.slots), ("cos", position_embeddings[0]),
+                                  ("sin", position_embeddings[1]), ("mask", mask)))
         _dynamic_dims(hidden, slots, cos, sin, mask)
         return c, (hidden, slots, cos, sin, mask)
+
+    def _dense(self, name, t):
+        base, geometry = _source(t)
+        prev = self._dense_inputs.get(name)
+        if prev is None or prev[0] is not base or prev[1] != geometry:
+            prev = self._dense_inputs[name] = (base, geometry, t.clone(memory_format=torch.contiguous_format))
+        return prev[2]
 
     def logits(self, hidden):
         # A row slice (hidden[:, -1]) keeps the parent's strides and offset, which dynamo guards on: copy it.
@@ -254,7 +292,14 @@ class CompiledAdapter(DecoderAdapter):
 
 def make_adapter(model, compile=None) -> DecoderAdapter:
     """The eager adapter, or the compiled one when ``compile`` asks for it (see :func:`parse_compile`)."""
-    return DecoderAdapter(model) if parse_compile(compile) is None else CompiledAdapter(model, compile)
+    opts = parse_compile(compile)
+    if opts is None:
+        return DecoderAdapter(model)
+    if opts["graphs"]:
+        from .graphs import GraphedAdapter
+
+        return GraphedAdapter(model, compile)
+    return CompiledAdapter(model, compile)
 
 
 def compile_stats() -> dict:

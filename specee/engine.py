@@ -185,7 +185,7 @@ class Engine:
 
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
-        self.cache = KVCache(a.shape, B, max_length, a.dtype, device, static=a.static)
+        self.cache = a.new_cache(B, max_length)
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
         self.host_syncs = 0
@@ -194,7 +194,8 @@ class Engine:
         next_pos = positions[:, -1:] + 1
 
         # Prefill: the prompt at full depth.
-        hidden, _, _ = self._run(a.embed(input_ids), list(range(P)), self.policy._all, None)
+        with a.uncaptured():
+            hidden, _, _ = self._run(a.embed(input_ids), list(range(P)), self.policy._all, None)
         logits = a.logits(hidden[:, -1])
         step_exit = torch.full((B,), L, dtype=torch.long, device=device)
 

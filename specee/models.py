@@ -7,6 +7,7 @@ cache and the attention mask are ours.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -80,6 +81,16 @@ class DecoderAdapter:
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
+
+    def uncaptured(self):
+        """Context for one-off calls (the prefill): graph-capturing adapters run them unrecorded."""
+        return contextlib.nullcontext()
+
+    def new_cache(self, batch: int, max_len: int):
+        """The KV cache for one generation of ``batch`` rows and ``max_len`` slots."""
+        from .cache import KVCache
+
+        return KVCache(self.shape, batch, max_len, self.dtype, self.device, static=self.static)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 
 from . import ops
-from .cache import KVCache
 from .engine import DecodeResult, Engine
 from .policies import StepPlan
 
@@ -195,12 +194,13 @@ class SelfSpeculativeDecoder:
         max_new = gc.max_length - P
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
-        eng.cache = KVCache(a.shape, B, P + max_new * (K_max + 1) + K_max + 2, a.dtype, device, static=a.static)
+        eng.cache = a.new_cache(B, P + max_new * (K_max + 1) + K_max + 2)
         eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)
 
-        hidden, _, _ = eng._run(a.embed(input_ids), list(range(P)), eng.policy._all, None)
+        with a.uncaptured():
+            hidden, _, _ = eng._run(a.embed(input_ids), list(range(P)), eng.policy._all, None)
         logits = a.logits(hidden[:, -1])
         seqs = torch.full((B, P + max_new), pad, dtype=torch.long, device=device)
         seqs[:, :P] = input_ids
