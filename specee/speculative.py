@@ -10,7 +10,8 @@ A round (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710; Kangaroo, Liu et al.
 3. Roll back: the rejected positions of each row are masked out of the cache in every layer (the
    slots stay, their ``token_valid`` bit drops), so the valid KV is exactly a full run's over the
    accepted tokens; positions are per row.
-The host reads back once per round (the accepted counts).
+The host reads back once per round (the accepted counts and tokens); EOS and max-length stops are then
+decided on those host ids (``host_stopper``), other stopping criteria are called per emitted token.
 
 Sampling is lossless: draft and target logits pass through the same transformers logits processors
 (temperature, top-k, top-p, ...), the draft distribution is what the draft really sampled from, and
@@ -134,6 +135,23 @@ class DraftController:
         self.accept[e] = (1 - weight) * self.accept[e] + weight * rate
 
 
+def host_stopper(criteria):
+    """``stop(length, token)`` deciding on host-side ids what ``criteria`` would on the device, for the criteria
+    transformers builds from max_length and eos_token_id; None when another criterion is in the list (stop
+    strings, custom ones: those are called per token, a device read-back each)."""
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    eos, max_len = set(), None
+    for c in criteria:
+        if isinstance(c, EosTokenCriteria):
+            eos |= set(torch.as_tensor(c.eos_token_id).view(-1).tolist())
+        elif isinstance(c, MaxLengthCriteria):
+            max_len = c.max_length if max_len is None else min(max_len, c.max_length)
+        else:
+            return None
+    return lambda length, token: token in eos or (max_len is not None and length >= max_len)
+
+
 def _head_cost_layers(adapter):
     s = adapter.shape
     attn = s.hidden_size * (2 * s.num_heads + 2 * s.num_kv_heads) * s.head_dim
@@ -216,8 +234,9 @@ class SelfSpeculativeDecoder:
         # The first token comes from the prefill, like transformers'.
         scores = self._process(logits_processor, seqs, lengths, [seqs.new_empty(0)] * B, logits)
         first = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0] if do_sample else scores.argmax(-1)
-        self._emit(first[:, None], torch.ones(B, dtype=torch.long), seqs, lengths, unfinished, exit_rec,
-                   [L], stopping_criteria, max_new + P, streamer)
+        stop = host_stopper(stopping_criteria)
+        self._emit(first[:, None], first[:, None].tolist(), [1] * B, seqs, lengths, unfinished, exit_rec,
+                   [L], (stop, stopping_criteria), max_new + P, streamer)
         last = first
         while any(unfinished):
             e, K = ctl.choose()
@@ -228,14 +247,15 @@ class SelfSpeculativeDecoder:
                                               logits_processor, do_sample, seed, offset)
             offset += 1
             rounds += 1
-            n_emit_host = n_emit.tolist()  # the one read-back per round
+            host = torch.cat([n_emit[:, None], out_tokens], 1).tolist()  # the one read-back per round
             eng.host_syncs += 1
+            n_emit_host = [row[0] for row in host]
             ctl.update(e, n_emit - 1, num_draft)
             for b in range(B):
                 if unfinished[b]:
                     accept_hist[n_emit_host[b] - 1] += 1
-            appended = self._emit(out_tokens, n_emit, seqs, lengths, unfinished, exit_rec, [e] * (K + 1),
-                                  stopping_criteria, max_new + P, streamer)
+            appended = self._emit(out_tokens, [row[1:] for row in host], n_emit_host, seqs, lengths, unfinished,
+                                  exit_rec, [e] * (K + 1), (stop, stopping_criteria), max_new + P, streamer)
             self._rollback(slots, active, appended)
             idx = (n_emit - 1).clamp(min=0)[:, None]
             last = torch.where(active, out_tokens.gather(1, idx)[:, 0], torch.full_like(last, pad))
@@ -327,25 +347,36 @@ class SelfSpeculativeDecoder:
         cache.append(torch.ones(pos.shape[0], 1, dtype=torch.bool, device=pos.device), pos[:, None])
         return slot
 
-    def _emit(self, tokens, n_emit, seqs, lengths, unfinished, exit_rec, layers, stopping_criteria, max_len, streamer):
-        """Append each row's emitted tokens one by one, applying the stopping criteria per token."""
-        n_host = n_emit.tolist()
-        toks = tokens.tolist()
+    def _emit(self, tokens, toks, n_host, seqs, lengths, unfinished, exit_rec, layers, stopping, max_len, streamer):
+        """Append each row's emitted tokens one by one, applying the stopping criteria per token.
+
+        tokens [B, n] on the device and ``toks`` its host copy; ``stopping`` = (:func:`host_stopper`'s check or
+        None, transformers' criteria): with the host check there is no device read-back and a row's tokens are
+        written with one copy, otherwise the criteria are called per token."""
+        stop, criteria = stopping
+        on_host = stop is not None
         streamed, appended = [], [0] * len(lengths)
         for b in range(len(lengths)):
             if not unfinished[b]:
                 continue
+            start = lengths[b]
             for j in range(n_host[b]):
                 appended[b] += 1
-                seqs[b, lengths[b]] = toks[b][j]
                 lengths[b] += 1
                 exit_rec[b].append(layers[j] if j < n_host[b] - 1 else self.adapter.num_layers)
                 if b == 0:
                     streamed.append(toks[b][j])
-                row = seqs[b: b + 1, : lengths[b]]
-                if lengths[b] >= max_len or bool(stopping_criteria(row, None)[0]):
+                if on_host:
+                    done = stop(lengths[b], toks[b][j])
+                else:
+                    seqs[b, lengths[b] - 1] = toks[b][j]
+                    done = bool(criteria(seqs[b: b + 1, : lengths[b]], None)[0])
+                    self.engine.host_syncs += 1
+                if lengths[b] >= max_len or done:
                     unfinished[b] = False
                     break
+            if on_host and appended[b]:
+                seqs[b, start: lengths[b]] = tokens[b, : appended[b]]
         if streamer is not None and streamed and len(lengths) == 1:
             streamer.put(torch.tensor(streamed))
         return appended

@@ -53,6 +53,37 @@ def test_greedy_with_eos_and_batch_rows_finishing_apart():
     assert torch.equal(out, ref)
 
 
+def test_custom_stopping_criteria_and_host_check():
+    """EOS and max-length stops are decided on host ids (no read-back per token); a custom criterion falls back
+    to a call per emitted token. Both stop where model.generate stops, mid-round included."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
+
+    from specee.speculative import host_stopper
+
+    stop = host_stopper([MaxLengthCriteria(12), EosTokenCriteria([5, 7])])
+    assert [stop(3, 5), stop(3, 7), stop(3, 6), stop(12, 6)] == [True, True, False, True]
+
+    class StopAfter(StoppingCriteria):
+        def __init__(self, token):
+            self.token = token
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == self.token
+
+    assert host_stopper([MaxLengthCriteria(12), StopAfter(3)]) is None
+    model = damped()
+    ids, mask = left_padded_batch([6, 9, 4])
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    token = int(ref[0, 9 + 6])  # row 0's 7th new token: rows stop at different steps
+    kw = dict(max_new_tokens=16, do_sample=False, pad_token_id=PAD)
+    ref = model.generate(ids, attention_mask=mask, stopping_criteria=StoppingCriteriaList([StopAfter(token)]), **kw)
+    out = specee.generate(model, ids, mask, mode="self_speculative", exit_config=dict(exit_layer=1, num_draft=4),
+                          stopping_criteria=StoppingCriteriaList([StopAfter(token)]), **kw)
+    assert torch.equal(out, ref)
+    assert (ref[:, 9:] == token).any(1).sum() >= 1
+
+
 def test_rollback_leaves_the_kv_of_a_full_run():
     model = damped(scale=0.5)
     ids, mask = left_padded_batch([5, 8])
