@@ -140,3 +140,16 @@ def test_cuda_graphs_match_compiled(mode, cfg):
         assert torch.equal(got.sequences, comp.sequences)
         assert torch.equal(got.exit_layers, comp.exit_layers)
     assert graphs.graph_stats(model)["replays"] > graphs.graph_stats(model)["captures"] > 0
+
+
+def test_replay_follows_its_trace_through_graphs():
+    """`specee bench --replay --cuda-graphs`'s engine: exits from a trace, every evaluated layer a graph replay."""
+    from specee.replay import TracePolicy, build_model, replay_decode
+
+    model = build_model("tiny", "cpu")
+    L, trace = model.config.num_hidden_layers, [5, 8, 2, 7, 8, 3, 6, 1, 4]
+    for schedule in ("planned", "all"):
+        res, _, _ = replay_decode(model, torch.randint(0, 256, (1, 6)), len(trace) + 1,
+                                  TracePolicy(L, trace, schedule), compile=HOST)
+        assert res.exit_layers[0, 1:].tolist() == trace
+    assert graphs.graph_stats(model)["replays"] > len(trace)
