@@ -308,11 +308,22 @@ def compile_stats() -> dict:
 
 
 def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=(1,), compile=True,
-           max_new_tokens: int = 4) -> float:
+           max_new_tokens: int = 4, max_length: int | None = None) -> float:
     """Compile every graph a generation will need (batch 1 and batch > 1, one and several queries per
     call) with a short dummy generation per batch size; returns the seconds it took. Later generations
-    of the same model in this process start at full speed."""
+    of the same model in this process start at full speed.
+
+    With ``compile=dict(graphs=True)`` the last batch size's CUDA graphs are captured too, over a cache sized for
+    ``max_length`` (prompt + new tokens of the generations to come; default: the dummy's own), while decoding only
+    ``max_new_tokens`` dummy tokens."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
     from .generate import generate
+
+    class _After(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 3 + max_new_tokens, dtype=torch.bool,
+                              device=input_ids.device)
 
     t = time.perf_counter()
     device = next(model.parameters()).device
@@ -324,6 +335,7 @@ def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=
         ids = torch.arange(3, 3 + 3 * bs, device=device).view(bs, 3) % model.config.vocab_size
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            length = dict(max_length=max_length) if max_length else dict(max_new_tokens=max_new_tokens)
             generate(model, ids, torch.ones_like(ids), mode=mode, exit_config=exit_config, compile=compile,
-                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+                     do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_After()]), **length)
     return time.perf_counter() - t

@@ -153,3 +153,15 @@ def test_replay_follows_its_trace_through_graphs():
                                   TracePolicy(L, trace, schedule), compile=HOST)
         assert res.exit_layers[0, 1:].tolist() == trace
     assert graphs.graph_stats(model)["replays"] > len(trace)
+
+
+def test_warmup_captures_for_the_length_to_come():
+    """warmup(max_length=...) sizes the persistent cache for later generations while decoding a few dummy tokens."""
+    model = make_tiny("llama")
+    compiled.warmup(model, mode="full", compile=HOST, max_length=300)
+    stats = graphs.graph_stats(model)
+    assert stats["slots"] == 2 * graphs.SLOT_BUCKET + graphs.MAX_GRAPH_QUERIES and stats["captures"] > 0
+    ids, mask = left_padded_batch([6])
+    out = _generate(model, ids, mask, HOST, n=280)
+    assert graphs.graph_stats(model)["captures"] == stats["captures"]
+    assert torch.equal(out.sequences, model.generate(ids, attention_mask=mask, max_new_tokens=280, do_sample=False))
