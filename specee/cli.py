@@ -133,6 +133,8 @@ def build_parser():
     rp.add_argument("--prompt-len", type=int, default=32, help="random prompt tokens")
     rp.add_argument("--reps", type=int, default=3, help="interleaved repetitions; the median is kept")
     rp.add_argument("--kv-policy", default="deferred", choices=KV_POLICIES)
+    rp.add_argument("--lookahead", action="store_true", help="queue the layer after each evaluated one before "
+                    "reading the exit decision back (ExitConfig.lookahead; deferred KV policy)")
     return parser
 
 

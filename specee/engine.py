@@ -51,6 +51,10 @@ class Engine:
         self.mode = mode
         self.policy = make_policy(mode, self.adapter.num_layers, self.config)
         self.kv_policy = "monotone" if mode == "skipdecode" else self.config.kv_policy
+        if self.config.lookahead and self.kv_policy != "deferred":
+            raise ValueError(f"exit_config lookahead=True runs one layer past an exit and keeps its KV, which only "
+                             f"kv_policy='deferred' leaves exact; got {self.kv_policy!r} (mode {mode!r}).")
+        self.lookahead_layers = 0
         self.host_syncs = 0
         self.cache: KVCache | None = None
         self.pending = DeferredQueue()
@@ -85,23 +89,24 @@ class Engine:
             # gpt-fast step), not one call per layer.
             hidden = a.stack(a.num_layers, hidden, shared_mask, position_ids, (cos, sin), cache.view(cur_t, contiguous))
             return hidden, plan.layers, None
-        run = 0
-        for l in plan.layers:
+        def run_layer(l, hidden):
             active = pend.active(l) if pend else []
-            if active:
-                q_slots = [pend.slots[i] for i in active] + slots
-                idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
-                x = torch.cat([pend.hidden[:, active], hidden], dim=1)
-                mask = cache.mask(l, all_t[idx], a.dtype, additive)
-                out = a.layer(l, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]),
-                              cache.view(all_t[idx], None))
-                pend.hidden[:, active] = out[:, : len(active)]
-                hidden = out[:, len(active):]
-            else:
+            if not active:
                 mask = shared_mask if shared_mask is not None or unmasked else cache.mask(l, cur_t, a.dtype, additive)
                 k = len(all_slots) - len(slots)
-                hidden = a.layer(l, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
-                                 cache.view(cur_t, contiguous))
+                return a.layer(l, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
+                               cache.view(cur_t, contiguous))
+            q_slots = [pend.slots[i] for i in active] + slots
+            idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
+            x = torch.cat([pend.hidden[:, active], hidden], dim=1)
+            mask = cache.mask(l, all_t[idx], a.dtype, additive)
+            out = a.layer(l, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]), cache.view(all_t[idx], None))
+            pend.hidden[:, active] = out[:, : len(active)]
+            return out[:, len(active):]
+
+        layers, run, ahead = plan.layers, 0, None
+        for i, l in enumerate(layers):
+            hidden, ahead = (run_layer(l, hidden), None) if ahead is None else (ahead, None)
             run += 1
             if l in plan.eval_layers:
                 exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
@@ -110,17 +115,24 @@ class Engine:
                 exits["layer"] = torch.where(newly, l + 1, exits["layer"])
                 # The one read-back per evaluated layer: did a row exit, can the batch stop, did every row
                 # exit for real (then the step's logits are all here and the head need not run again)?
-                any_new, all_done, exits["all_exited"] = torch.stack(
-                    [newly.any(), exits["done"].all(), (exits["layer"] > 0).all()]).tolist()
+                flags = torch.stack([newly.any(), exits["done"].all(), (exits["layer"] > 0).all()])
+                if self.config.lookahead and i + 1 < len(layers):
+                    # Queue the next layer before the read-back, so the device works while the host waits; if
+                    # the batch exits here it was one layer too many, whose KV is exact (kept, deferred policy).
+                    ahead = run_layer(layers[i + 1], hidden)
+                any_new, all_done, exits["all_exited"] = flags.tolist()
                 self.host_syncs += 1
                 if any_new:
                     if logits is None:  # the predictor did not run the head: run it only when a row leaves
                         logits = a.logits(hidden[:, -1])
                     exits["logits"] = torch.where(newly[:, None], logits, exits["logits"])
                 if all_done:
+                    if ahead is not None:
+                        hidden, run = ahead, run + 1
+                        self.lookahead_layers += 1
                     break
         if pend:
-            pend.advance(l + 1, a.num_layers)
+            pend.advance(layers[run - 1] + 1, a.num_layers)
         return hidden, plan.layers[: run], exits
 
     def _fill_holes(self, hidden: torch.Tensor, slot: int, reached: int):
@@ -188,7 +200,7 @@ class Engine:
         self.cache = a.new_cache(B, max_length)
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
-        self.host_syncs = 0
+        self.host_syncs = self.lookahead_layers = 0
         self.policy.reset(B, max_length - P)
         self.cache.append(valid, positions)
         next_pos = positions[:, -1:] + 1
@@ -252,5 +264,5 @@ class Engine:
 
         if streamer is not None:
             streamer.end()
-        stats = dict(host_syncs=self.host_syncs, steps=step + 1, num_layers=L)
+        stats = dict(host_syncs=self.host_syncs, steps=step + 1, num_layers=L, lookahead_layers=self.lookahead_layers)
         return DecodeResult(input_ids, torch.stack(exit_layers, dim=1), scores, raw if want_logits else None, stats)

@@ -43,6 +43,10 @@ class ExitConfig:
         ``confidence``'s score: ``softmax`` (max probability) or ``gap`` (top-1 minus top-2 probability).
     predictor : object
         ``early_exit``'s predictor bank: ``predictor.decide(layer, hidden, state) -> (exit[B], logits|None)``.
+    lookahead : bool
+        Queue the layer after an evaluated one before reading the exit decision back, so a GPU computes while
+        the host waits (costs one layer when the batch exits there; tokens unchanged). Needs ``kv_policy``
+        ``deferred``. Off by default: its GPU gain is not measured yet (bench/GPU_OWED.md E3).
     """
 
     kv_policy: str = "deferred"
@@ -53,6 +57,7 @@ class ExitConfig:
     thresholds: float | Sequence[float] = 0.9
     measure: str = "softmax"
     predictor: object | None = None
+    lookahead: bool = False
     extra: dict = field(default_factory=dict)
 
     @classmethod

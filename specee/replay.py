@@ -226,7 +226,7 @@ def _sync(device):
 
 
 def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred", count_cuda_syncs=False,
-                  compile=None):
+                  compile=None, lookahead=False):
     """Greedy decode of ``ids`` [B, P] with the engine; ``policy=None`` is ``full``.
 
     Returns (DecodeResult, seconds, CUDA synchronizations counted by ``torch.cuda.set_sync_debug_mode``
@@ -242,7 +242,8 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
             engine = Engine(model, "full", compile=compile)
         else:
             engine = Engine(model, "early_exit", ExitConfig(predictor=policy, layers=policy.layers or None,
-                                                            kv_policy=kv_policy), compile=compile)
+                                                            kv_policy=kv_policy, lookahead=lookahead),
+                            compile=compile)
             engine.policy = policy  # the trace plans the steps too (schedule), not only decide()
         res = engine.decode(input_ids, model_kwargs.get("attention_mask"), logits_processor=logits_processor,
                             stopping_criteria=stopping_criteria, generation_config=generation_config)
@@ -269,9 +270,9 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
 
 
 def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=1, prompt_len=32, reps=3,
-               kv_policy="deferred", seed=0, progress=True, compile=None):
+               kv_policy="deferred", seed=0, progress=True, compile=None, lookahead=False):
     """Decode with ``full`` and with the trace under each schedule, side by side; returns the results dict.
-    ``compile`` as in :func:`specee.generate` (the warm-up compiles)."""
+    ``compile`` as in :func:`specee.generate` (the warm-up compiles); ``lookahead`` as in ``ExitConfig``."""
     from tqdm.auto import tqdm
 
     from .bench import head_cost_ms
@@ -287,7 +288,7 @@ def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=
     methods = ["full", *schedules]
 
     def one(m, n, count=False):
-        return replay_decode(model, ids, n, policies.get(m), kv_policy, count, compile)
+        return replay_decode(model, ids, n, policies.get(m), kv_policy, count, compile, lookahead)
 
     for m in methods:  # warm-up, not timed
         one(m, 4)
@@ -329,13 +330,14 @@ def run_replay(model, trace, schedules=SCHEDULES, max_new_tokens=64, batch_size=
             mean_exit_layer=mean_exit, trace_followed=followed,
             host_syncs_per_token=res.stats["host_syncs"] / res.stats["steps"],
             layer_syncs_per_token=(res.stats["host_syncs"] - res.stats["steps"]) / res.stats["steps"],
+            lookahead_layers_per_token=res.stats.get("lookahead_layers", 0) / res.stats["steps"],
             cuda_syncs_per_token=None if cuda_syncs is None else cuda_syncs / T,
             evaluated_layers=len(policies[m].layers) if m == "all" else (1 if m == "exit" else 0))
     return dict(benchmark="replay", num_layers=L, trace=dict(name=doc.get("name", str(trace)),
                                                             source_layers=doc["num_layers"],
                                                             **{k: v for k, v in trace_stats(exits, L).items()}),
                 max_new_tokens=T, batch_size=batch_size, prompt_len=prompt_len, reps=reps, kv_policy=kv_policy,
-                layer_ms=layer_ms, head_ms=head_ms, results=results)
+                lookahead=lookahead, layer_ms=layer_ms, head_ms=head_ms, results=results)
 
 
 def summary_table(doc) -> str:
@@ -363,7 +365,8 @@ def main_replay(args):
     model = build_model(args.shape, args.device, args.dtype)
     doc = run_replay(model, args.replay, schedules=args.schedules, max_new_tokens=args.max_new_tokens,
                      batch_size=args.replay_batch_size, prompt_len=args.prompt_len, reps=args.reps,
-                     kv_policy=args.kv_policy, compile=getattr(args, "compile", None) or None)
+                     kv_policy=args.kv_policy, compile=getattr(args, "compile", None) or None,
+                     lookahead=getattr(args, "lookahead", False))
     doc = dict(meta=run_metadata(), shape=args.shape, compile=getattr(args, "compile", None) or None, dtype=str(next(model.parameters()).dtype), **doc)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

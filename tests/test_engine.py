@@ -246,3 +246,36 @@ def test_skipdecode_needs_no_hole_mask():
         Engine._fill_holes = orig
     assert engine.cache.has_holes
     assert torch.equal(res.sequences, out)
+
+
+@pytest.mark.parametrize("compile", [None, "aot_eager", dict(backend="aot_eager", graphs="host")],
+                         ids=["eager", "compiled", "graphs"])
+@pytest.mark.parametrize("mode", ["confidence", "early_exit"])
+def test_lookahead_changes_no_token(mode, compile):
+    """lookahead=True queues the next layer before each exit read-back: same tokens and exit layers as without
+    (deferred KV: the extra layer's KV is exact), and the extra layers are counted."""
+    from conftest import ScriptedPredictor
+
+    model = make_tiny("llama", num_hidden_layers=6)
+    # the scripted exits are shared by the rows, so the batch stops together; confidence's rows exit apart
+    ids, mask = left_padded_batch([5, 3, 7] if mode == "early_exit" else [6])
+    outs = []
+    for lookahead in (False, True):
+        cfg = dict(thresholds=0.1) if mode == "confidence" else dict(
+            predictor=ScriptedPredictor([3, 1, 6, 2, 5, 4, 1, 6, 2, 3], range(6)))
+        torch.manual_seed(0)
+        outs.append(specee.generate(model, ids, mask, mode=mode, exit_config=dict(cfg, lookahead=lookahead),
+                                    compile=compile, max_new_tokens=14, do_sample=False, return_dict_in_generate=True))
+    plain, ahead = outs
+    assert torch.equal(ahead.sequences, plain.sequences)
+    assert torch.equal(ahead.exit_layers, plain.exit_layers)
+    assert plain.exit_layers[plain.exit_layers > 0].float().mean() < 6  # exits happened
+    assert plain.stats["lookahead_layers"] == 0 < ahead.stats["lookahead_layers"]
+
+
+def test_lookahead_needs_deferred_kv():
+    model = make_tiny("llama")
+    ids, mask = left_padded_batch([4])
+    with pytest.raises(ValueError, match="kv_policy='deferred'"):
+        specee.generate(model, ids, mask, mode="confidence", max_new_tokens=2,
+                        exit_config=dict(lookahead=True, kv_policy="skip"))

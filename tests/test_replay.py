@@ -107,3 +107,14 @@ def test_bench_replay_cli_on_a_tiny_shape(tmp_path, capsys):
 
 def test_replay_needs_an_existing_trace(tmp_path):
     assert cli.main(["bench", "--replay", str(tmp_path / "nope.json"), "--shape", "tiny", "--device", "cpu"]) == 2
+
+
+def test_replay_with_lookahead_follows_the_trace():
+    from specee.replay import TracePolicy, build_model, replay_decode
+
+    model = build_model("tiny", "cpu")
+    L, trace = model.config.num_hidden_layers, [5, 8, 2, 7, 8, 3, 6, 1, 4]
+    res, _, _ = replay_decode(model, torch.randint(0, 256, (1, 6)), len(trace) + 1, TracePolicy(L, trace, "all"),
+                              lookahead=True)
+    assert res.exit_layers[0, 1:].tolist() == trace
+    assert res.stats["lookahead_layers"] == sum(e < L for e in trace)  # one extra layer per early exit
