@@ -89,6 +89,7 @@ class Engine:
             # gpt-fast step), not one call per layer.
             hidden = a.stack(a.num_layers, hidden, shared_mask, position_ids, (cos, sin), cache.view(cur_t, contiguous))
             return hidden, plan.layers, None
+
         def run_layer(l, hidden):
             active = pend.active(l) if pend else []
             if not active:
