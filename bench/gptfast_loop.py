@@ -35,12 +35,11 @@ class GptFastDecoder:
         addresses (``mark_static_address``, as gpt-fast's module buffers and transformers' StaticCache)."""
         c = self._cache
         if c is None or c.k_layers[0].shape[0] != B or c.max_len != S:
-            c = KVCache(self.a.shape, B, S, self.a.dtype, device, static=True)
+            c = self._cache = KVCache(self.a.shape, B, S, self.a.dtype, device, static=True)
             for t in (*c.k_layers, *c.v_layers):
                 torch._dynamo.mark_static_address(t)
-            self._cache = c
-        return KVCache(self.a.shape, B, S, self.a.dtype, device, static=True,
-                       buffers=(c.k_layers, c.v_layers, c.present))
+            return c
+        return c.reset()
 
     def _step(self, x, k_layers, v_layers, slots, cos, sin, mask):
         a = self.a

@@ -34,19 +34,9 @@ class KVCache:
     """
 
     def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False,
-                 buffers: tuple | None = None, limit: int | None = None):
+                 limit: int | None = None):
         kv = (shape.num_layers, batch, shape.num_kv_heads, max_len, shape.head_dim)
-        if buffers is not None:  # (k_layers, v_layers, present) kept across generations (CUDA graphs read them)
-            if not static:
-                raise ValueError("KVCache(buffers=...) reuses per-layer static buffers: pass static=True.")
-            self.k = self.v = None
-            self.k_layers, self.v_layers, self.present = buffers
-            if self.k_layers[0].shape != kv[1:] or self.present.shape != (kv[0], max_len):
-                raise ValueError(f"KVCache buffers have shape {tuple(self.k_layers[0].shape)} per layer, "
-                                 f"expected {kv[1:]}.")
-            for t in (*self.k_layers, *self.v_layers, self.present):
-                t.zero_()
-        elif static:  # one buffer per layer: views of a 5-D buffer make dynamo guard on the base's layout
+        if static:  # one buffer per layer: views of a 5-D buffer make dynamo guard on the base's layout
             self.k = self.v = None
             self.k_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
             self.v_layers = tuple(torch.zeros(kv[1:], dtype=dtype, device=device) for _ in range(kv[0]))
@@ -55,18 +45,27 @@ class KVCache:
             self.v = torch.zeros(kv, dtype=dtype, device=device)
             # per-layer views, made once: indexing the 5-D buffer on every update costs more than the copy
             self.k_layers, self.v_layers = self.k.unbind(0), self.v.unbind(0)
-        if buffers is None:
-            self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
+        self.present = torch.zeros(shape.num_layers, max_len, dtype=torch.bool, device=device)
         self.token_valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
         self.positions = torch.zeros(batch, max_len, dtype=torch.long, device=device)
         self.max_len = max_len
         # Slots tokens may use; those above are scratch (specee.graphs captures there), never attended.
         self.limit = max_len if limit is None else limit
+        # static: attention always spans all max_len slots under a mask (fixed shapes for compiled code)
+        self.static = static
+        self._clear()
+
+    def _clear(self):
         self.length = 0
         self.has_holes = False
         self.all_valid = True  # host-side: no padding and no rolled-back slot so far (set by the engine)
-        # static: attention always spans all max_len slots under a mask (fixed shapes for compiled code)
-        self.static = static
+
+    def reset(self) -> "KVCache":
+        """Empty the cache for a new generation in the same buffers (CUDA graphs keep reading their addresses)."""
+        for t in (*self.k_layers, *self.v_layers, self.present, self.token_valid, self.positions):
+            t.zero_()
+        self._clear()
+        return self
 
     def append(self, valid: torch.Tensor, positions: torch.Tensor) -> slice:
         """Reserve the next ``valid.shape[1]`` slots for new tokens; returns their slot range."""

@@ -191,11 +191,17 @@ def _dynamic_dims(x, slots, cos, sin, mask):
             mark(t, d)
 
 
-def _source(t):
-    """What identifies a tensor's contents without reading them: its base object (held by the caller, so its
-    memory cannot be reused meanwhile), view geometry and version counter (bumped by in-place writes)."""
+def changed(record: dict, name: str, t) -> bool:
+    """Whether ``t`` may hold other contents than the tensor recorded under ``name`` last time (then it is
+    recorded). Identity without reading the data: the base object (held, so its memory cannot be reused
+    meanwhile), view geometry and version counter (bumped by in-place writes)."""
     base = t._base if t._base is not None else t
-    return base, (t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+    key = (base, (t.storage_offset(), tuple(t.shape), t.stride(), t._version))
+    prev = record.get(name)
+    if prev is not None and prev[0] is base and prev[1] == key[1]:
+        return False
+    record[name] = key
+    return True
 
 
 def _is_dense(t) -> bool:
@@ -232,7 +238,7 @@ class CompiledAdapter(DecoderAdapter):
         self._layer = _compiled(layer_step, self.opts, self.signature)
         self._head = _compiled(head_step, self.opts, self.signature)
         self._stacks = {}
-        self._dense_inputs = {}  # name -> (source base, geometry, dense copy): a step's rope and mask copied once
+        self._sources, self._dense_inputs = {}, {}  # name -> last input seen / its dense copy (see _dense)
 
     @staticmethod
     def _layer_weights(layer):
@@ -276,11 +282,9 @@ class CompiledAdapter(DecoderAdapter):
         return c, (hidden, slots, cos, sin, mask)
 
     def _dense(self, name, t):
-        base, geometry = _source(t)
-        prev = self._dense_inputs.get(name)
-        if prev is None or prev[0] is not base or prev[1] != geometry:
-            prev = self._dense_inputs[name] = (base, geometry, t.clone(memory_format=torch.contiguous_format))
-        return prev[2]
+        if changed(self._sources, name, t):
+            self._dense_inputs[name] = t.clone(memory_format=torch.contiguous_format)
+        return self._dense_inputs[name]
 
     def logits(self, hidden):
         # A row slice (hidden[:, -1]) keeps the parent's strides and offset, which dynamo guards on: copy it.
@@ -316,14 +320,10 @@ def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=
     With ``compile=dict(graphs=True)`` the last batch size's CUDA graphs are captured too, over a cache sized for
     ``max_length`` (prompt + new tokens of the generations to come; default: the dummy's own), while decoding only
     ``max_new_tokens`` dummy tokens."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
 
     from .generate import generate
-
-    class _After(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 3 + max_new_tokens, dtype=torch.bool,
-                              device=input_ids.device)
 
     t = time.perf_counter()
     device = next(model.parameters()).device
@@ -337,5 +337,5 @@ def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=
             warnings.simplefilter("ignore")
             length = dict(max_length=max_length) if max_length else dict(max_new_tokens=max_new_tokens)
             generate(model, ids, torch.ones_like(ids), mode=mode, exit_config=exit_config, compile=compile,
-                     do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([_After()]), **length)
+                     do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(3 + max_new_tokens)]), **length)
     return time.perf_counter() - t

@@ -39,7 +39,7 @@ import contextlib
 import torch
 
 from .cache import KVCache
-from .compiled import CompiledAdapter, _dynamic_dims, _source
+from .compiled import CompiledAdapter, _dynamic_dims, _mark_cache, changed
 
 SLOT_BUCKET = 256        # cache slots are rounded up to a multiple: nearby lengths share buffers and graphs
 MAX_GRAPH_QUERIES = 8    # calls with more queries (prefill, long deferred fills) run the compiled layer unrecorded
@@ -100,32 +100,22 @@ class _Step:
 
     def fill(self, **inputs):
         for name, t in inputs.items():
-            base, geometry = _source(t)
-            prev = self.sources.get(name)
-            if prev is None or prev[0] is not base or prev[1] != geometry:
+            if changed(self.sources, name, t):
                 getattr(self, name).copy_(t)
-                self.sources[name] = (base, geometry)
 
     def output(self):
         out = self.x.clone()
-        self.sources["x"] = _source(out)  # the buffer holds exactly this: passing it back needs no copy
+        changed(self.sources, "x", out)  # the buffer holds exactly this: passing it back needs no copy
         return out
 
 
 class _Persistent:
     """The buffers graphs read, kept with the model across generations: KV cache, step inputs, head."""
 
-    def __init__(self, key, adapter, batch, slots):
-        s, dev = adapter.shape, adapter.device
-        self.key, self.batch, self.slots = key, batch, slots
-        kv = (batch, s.num_kv_heads, slots, s.head_dim)
-        self.k = tuple(torch.zeros(kv, dtype=adapter.dtype, device=dev) for _ in range(s.num_layers))
-        self.v = tuple(torch.zeros(kv, dtype=adapter.dtype, device=dev) for _ in range(s.num_layers))
-        self.present = torch.zeros(s.num_layers, slots, dtype=torch.bool, device=dev)
-        for t in (*self.k, *self.v):
-            torch._dynamo.maybe_mark_dynamic(t, 2)
-            if batch > 1:
-                torch._dynamo.maybe_mark_dynamic(t, 0)
+    def __init__(self, key, adapter, batch, limit):
+        self.key, self.batch, self.slots = key, batch, limit + MAX_GRAPH_QUERIES
+        self.cache = KVCache(adapter.shape, batch, self.slots, adapter.dtype, adapter.device, static=True, limit=limit)
+        _mark_cache(self.cache)
         # one memory pool for all graphs of this set: they run one at a time on one stream
         self.pool = torch.cuda.graph_pool_handle() if adapter.graph_cls is CudaGraph else None
         self.steps: dict = {}    # q -> _Step
@@ -173,14 +163,13 @@ class GraphedAdapter(CompiledAdapter):
         p = self.persistent
         if p is None or p.key != key:
             self.model._specee_graphs = None  # free the old buffers and graphs before allocating new ones
-            p = self.model._specee_graphs = _Persistent(key, self, batch, S + MAX_GRAPH_QUERIES)
-        return KVCache(self.shape, batch, p.slots, self.dtype, self.device, static=True,
-                       buffers=(p.k, p.v, p.present), limit=S)
+            p = self.model._specee_graphs = _Persistent(key, self, batch, S)
+        return p.cache.reset()
 
     def _step(self, hidden, mask, cos, kv_view) -> _Step | None:
         p = self.persistent
         B, q = hidden.shape[:2]
-        if (self._uncaptured or p is None or kv_view.cache.k_layers is not p.k or q > MAX_GRAPH_QUERIES or mask is None
+        if (self._uncaptured or p is None or kv_view.cache is not p.cache or q > MAX_GRAPH_QUERIES or mask is None
                 or mask.dtype != torch.bool):
             return None
         if q not in p.steps:
@@ -192,18 +181,20 @@ class GraphedAdapter(CompiledAdapter):
         p = self.persistent
         step.scratch()
         graph = self.graph_cls(fn, p.pool)
-        for t in (*p.k, *p.v):  # the warm-up wrote K/V on the scratch slots: keep them zero
+        c = p.cache
+        for t in (*c.k_layers, *c.v_layers):  # the warm-up wrote K/V on the scratch slots: keep them zero
             t[:, :, p.slots - step.q:].zero_()
-        p.present[:, p.slots - step.q:] = False
+        c.present[:, p.slots - step.q:] = False
         p.captures += 1
         return graph
 
     def _layer_fn(self, step: _Step, idx: int):
-        p, fn, w, static = self.persistent, self._layer, self.weights[idx], self.static_args
+        c, fn, w, static = self.persistent.cache, self._layer, self.weights[idx], self.static_args
+        present, k, v = c.present[idx], c.k_layers[idx], c.v_layers[idx]
 
         def run():
-            p.present[idx].index_fill_(0, step.slots, True)
-            step.x.copy_(fn(step.x, w, p.k[idx], p.v[idx], step.slots, step.cos, step.sin, step.mask, **static))
+            present.index_fill_(0, step.slots, True)
+            step.x.copy_(fn(step.x, w, k, v, step.slots, step.cos, step.sin, step.mask, **static))
         return run
 
     # -------------------------------------------------------------- adapter interface

@@ -234,9 +234,9 @@ class SelfSpeculativeDecoder:
         # The first token comes from the prefill, like transformers'.
         scores = self._process(logits_processor, seqs, lengths, [seqs.new_empty(0)] * B, logits)
         first = torch.multinomial(torch.softmax(scores, -1), 1)[:, 0] if do_sample else scores.argmax(-1)
-        stop = host_stopper(stopping_criteria)
+        stop = self._stopper(stopping_criteria, seqs)
         self._emit(first[:, None], first[:, None].tolist(), [1] * B, seqs, lengths, unfinished, exit_rec,
-                   [L], (stop, stopping_criteria), max_new + P, streamer)
+                   [L], stop, max_new + P, streamer)
         last = first
         while any(unfinished):
             e, K = ctl.choose()
@@ -255,7 +255,7 @@ class SelfSpeculativeDecoder:
                 if unfinished[b]:
                     accept_hist[n_emit_host[b] - 1] += 1
             appended = self._emit(out_tokens, [row[1:] for row in host], n_emit_host, seqs, lengths, unfinished,
-                                  exit_rec, [e] * (K + 1), (stop, stopping_criteria), max_new + P, streamer)
+                                  exit_rec, [e] * (K + 1), stop, max_new + P, streamer)
             self._rollback(slots, active, appended)
             idx = (n_emit - 1).clamp(min=0)[:, None]
             last = torch.where(active, out_tokens.gather(1, idx)[:, 0], torch.full_like(last, pad))
@@ -347,14 +347,22 @@ class SelfSpeculativeDecoder:
         cache.append(torch.ones(pos.shape[0], 1, dtype=torch.bool, device=pos.device), pos[:, None])
         return slot
 
-    def _emit(self, tokens, toks, n_host, seqs, lengths, unfinished, exit_rec, layers, stopping, max_len, streamer):
-        """Append each row's emitted tokens one by one, applying the stopping criteria per token.
+    def _stopper(self, criteria, seqs):
+        """``stop(row, length, token)`` after a row grew to ``length`` with ``token``: :func:`host_stopper` where it
+        applies, else transformers' criteria on the row's ids (written first; a device read-back per token)."""
+        on_host = host_stopper(criteria)
+        if on_host is not None:
+            return lambda b, length, token: on_host(length, token)
 
-        tokens [B, n] on the device and ``toks`` its host copy; ``stopping`` = (:func:`host_stopper`'s check or
-        None, transformers' criteria): with the host check there is no device read-back and a row's tokens are
-        written with one copy, otherwise the criteria are called per token."""
-        stop, criteria = stopping
-        on_host = stop is not None
+        def on_device(b, length, token):
+            seqs[b, length - 1] = token
+            self.engine.host_syncs += 1
+            return bool(criteria(seqs[b: b + 1, :length], None)[0])
+        return on_device
+
+    def _emit(self, tokens, toks, n_host, seqs, lengths, unfinished, exit_rec, layers, stop, max_len, streamer):
+        """Append each row's emitted tokens (tokens [B, n] on the device, ``toks`` its host copy) one by one,
+        asking ``stop`` (see :meth:`_stopper`) after each; a row's tokens reach ``seqs`` in one copy."""
         streamed, appended = [], [0] * len(lengths)
         for b in range(len(lengths)):
             if not unfinished[b]:
@@ -366,16 +374,10 @@ class SelfSpeculativeDecoder:
                 exit_rec[b].append(layers[j] if j < n_host[b] - 1 else self.adapter.num_layers)
                 if b == 0:
                     streamed.append(toks[b][j])
-                if on_host:
-                    done = stop(lengths[b], toks[b][j])
-                else:
-                    seqs[b, lengths[b] - 1] = toks[b][j]
-                    done = bool(criteria(seqs[b: b + 1, : lengths[b]], None)[0])
-                    self.engine.host_syncs += 1
-                if lengths[b] >= max_len or done:
+                if lengths[b] >= max_len or stop(b, lengths[b], toks[b][j]):
                     unfinished[b] = False
                     break
-            if on_host and appended[b]:
+            if appended[b]:
                 seqs[b, start: lengths[b]] = tokens[b, : appended[b]]
         if streamer is not None and streamed and len(lengths) == 1:
             streamer.put(torch.tensor(streamed))

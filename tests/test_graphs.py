@@ -72,7 +72,7 @@ def test_stale_buffers_are_caught():
         for name, t in inputs.items():
             if name not in self.sources:
                 getattr(self, name).copy_(t)
-                self.sources[name] = graphs._source(t)
+                compiled.changed(self.sources, name, t)
 
     mp = pytest.MonkeyPatch()
     mp.setattr(graphs._Step, "fill", copy_once)
