@@ -58,10 +58,13 @@ class Engine:
         self.host_syncs = 0
         self.cache: KVCache | None = None
         self.pending = DeferredQueue()
+        self.hole_depths: set[int] = set()  # skip policy: depths of the holes left so far (they stay)
 
     # ------------------------------------------------------------------ layers
-    def _run(self, hidden: torch.Tensor, slots: list[int], plan: StepPlan, finished: torch.Tensor | None):
-        """Run ``plan`` for the tokens at ``slots`` (hidden [B, q, d]) plus any deferred slots.
+    def _run(self, hidden: torch.Tensor, slots: list[int], plan: StepPlan, finished: torch.Tensor | None,
+             spans: bool = True):
+        """Run ``plan`` for the tokens at ``slots`` (hidden [B, q, d]) plus any deferred slots. ``spans=False`` runs
+        layer by layer (prefills: a shape seen once per generation is not worth compiling span graphs for).
 
         Returns (hidden after the last layer run [B, q, d], layers run, exit bookkeeping or None).
         """
@@ -83,20 +86,29 @@ class Engine:
             B, V = hidden.shape[0], a.shape.vocab_size
             exits = dict(done=finished.clone(), logits=torch.zeros(B, V, device=hidden.device),
                          layer=torch.zeros(B, dtype=torch.long, device=hidden.device), all_exited=False)
-        if (a.static and not pend and shared_mask is not None and len(slots) == 1 and not plan.eval_layers
-                and plan.layers == self.policy._all.layers):
-            # A full-depth decode step that tests no exit: one compiled graph for the whole stack (as a
-            # gpt-fast step), not one call per layer.
-            hidden = a.stack(a.num_layers, hidden, shared_mask, position_ids, (cos, sin), cache.view(cur_t, contiguous))
-            return hidden, plan.layers, None
+        # Layers where the attention mask changes: a slot with a hole is present below it, absent from it on.
+        boundaries = self.hole_depths | set(pend.depth) if pend else self.hole_depths
+        layers = plan.layers
 
-        def run_layer(l, hidden):
+        def span(i):
+            """How many layers from layers[i] on run as one adapter call: consecutive, no exit test before the
+            last, no deferred slot joining in, the same holes (one mask serves them all). A full-depth step that
+            tests no exit is one call (one compiled graph for the stack, as a gpt-fast step)."""
+            n = 1
+            if not spans or pend and pend.active(layers[i]):
+                return n
+            while (i + n < len(layers) and layers[i + n] == layers[i + n - 1] + 1
+                   and layers[i + n - 1] not in plan.eval_layers and layers[i + n] not in boundaries):
+                n += 1
+            return n
+
+        def run_span(l, n, hidden):
             active = pend.active(l) if pend else []
             if not active:
                 mask = shared_mask if shared_mask is not None or unmasked else cache.mask(l, cur_t, a.dtype, additive)
                 k = len(all_slots) - len(slots)
-                return a.layer(l, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
-                               cache.view(cur_t, contiguous))
+                return a.segment(l, n, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
+                                 cache.view(cur_t, contiguous))
             q_slots = [pend.slots[i] for i in active] + slots
             idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
             x = torch.cat([pend.hidden[:, active], hidden], dim=1)
@@ -105,10 +117,15 @@ class Engine:
             pend.hidden[:, active] = out[:, : len(active)]
             return out[:, len(active):]
 
-        layers, run, ahead = plan.layers, 0, None
-        for i, l in enumerate(layers):
-            hidden, ahead = (run_layer(l, hidden), None) if ahead is None else (ahead, None)
-            run += 1
+        i, ahead = 0, None
+        while i < len(layers):
+            if ahead is None:
+                n = span(i)
+                hidden = run_span(layers[i], n, hidden)
+            else:
+                hidden, ahead, n = ahead, None, 1
+            i += n
+            l = layers[i - 1]
             if l in plan.eval_layers:
                 exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
                 newly = exit_now & ~exits["done"]
@@ -117,10 +134,10 @@ class Engine:
                 # The one read-back per evaluated layer: did a row exit, can the batch stop, did every row
                 # exit for real (then the step's logits are all here and the head need not run again)?
                 flags = torch.stack([newly.any(), exits["done"].all(), (exits["layer"] > 0).all()])
-                if self.config.lookahead and i + 1 < len(layers):
+                if self.config.lookahead and i < len(layers):
                     # Queue the next layer before the read-back, so the device works while the host waits; if
                     # the batch exits here it was one layer too many, whose KV is exact (kept, deferred policy).
-                    ahead = run_layer(layers[i + 1], hidden)
+                    ahead = run_span(layers[i], 1, hidden)
                 any_new, all_done, exits["all_exited"] = flags.tolist()
                 self.host_syncs += 1
                 if any_new:
@@ -129,12 +146,12 @@ class Engine:
                     exits["logits"] = torch.where(newly[:, None], logits, exits["logits"])
                 if all_done:
                     if ahead is not None:
-                        hidden, run = ahead, run + 1
+                        hidden, i = ahead, i + 1
                         self.lookahead_layers += 1
                     break
         if pend:
-            pend.advance(layers[run - 1] + 1, a.num_layers)
-        return hidden, plan.layers[: run], exits
+            pend.advance(layers[i - 1] + 1, a.num_layers)
+        return hidden, layers[:i], exits
 
     def _fill_holes(self, hidden: torch.Tensor, slot: int, reached: int):
         """Apply the KV policy to the layers a step did not run (``reached`` .. L-1) for its slot."""
@@ -142,7 +159,9 @@ class Engine:
         if reached >= L:
             return
         cache.has_holes = True
-        if self.kv_policy == "propagate":
+        if self.kv_policy == "skip":
+            self.hole_depths.add(reached)
+        elif self.kv_policy == "propagate":
             pos = cache.positions[:, slot: slot + 1]
             rope = self.adapter.rope(hidden, pos)
             for l in range(reached, L):
@@ -201,6 +220,7 @@ class Engine:
         self.cache = a.new_cache(B, max_length)
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
+        self.hole_depths = set()
         self.host_syncs = self.lookahead_layers = 0
         self.policy.reset(B, max_length - P)
         self.cache.append(valid, positions)
@@ -208,7 +228,7 @@ class Engine:
 
         # Prefill: the prompt at full depth.
         with a.uncaptured():
-            hidden, _, _ = self._run(a.embed(input_ids), list(range(P)), self.policy._all, None)
+            hidden, _, _ = self._run(a.embed(input_ids), list(range(P)), self.policy._all, None, spans=False)
         logits = a.logits(hidden[:, -1])
         step_exit = torch.full((B,), L, dtype=torch.long, device=device)
 

@@ -85,7 +85,7 @@ class _Step:
         self.mask = torch.ones(batch, 1, q, slots, dtype=torch.bool, device=device)
         _dynamic_dims(self.x, self.slots, self.cos, self.sin, self.mask)  # share the compiled graphs
         self.layers: dict = {}   # layer index -> graph
-        self.stacks: dict = {}   # n -> graph of layers 0..n-1
+        self.whole = None        # graph of the whole stack
         self.sources: dict = {}
 
     def scratch(self):
@@ -198,27 +198,26 @@ class GraphedAdapter(CompiledAdapter):
         return run
 
     # -------------------------------------------------------------- adapter interface
-    def layer(self, idx, hidden, mask, position_ids, position_embeddings, kv_view):
+    def segment(self, start, n, hidden, mask, position_ids, position_embeddings, kv_view):
+        """The whole stack replays one graph; any other run replays its layers' graphs back to back (inputs filled
+        once, each layer's output already in the hidden buffer), so runs that start anywhere capture nothing new."""
         step = self._step(hidden, mask, position_embeddings[0], kv_view)
         if step is None:
-            return super().layer(idx, hidden, mask, position_ids, position_embeddings, kv_view)
-        if idx not in step.layers:
-            step.layers[idx] = self._capture(step, self._layer_fn(step, idx))
+            return super().segment(start, n, hidden, mask, position_ids, position_embeddings, kv_view)
+        if start == 0 and n == self.num_layers:
+            if step.whole is None:
+                runs = [self._layer_fn(step, i) for i in range(n)]
+                step.whole = self._capture(step, lambda: [run() for run in runs])
+            graphs = [step.whole]
+        else:
+            for idx in range(start, start + n):
+                if idx not in step.layers:
+                    step.layers[idx] = self._capture(step, self._layer_fn(step, idx))
+            graphs = [step.layers[idx] for idx in range(start, start + n)]
         step.fill(x=hidden, slots=kv_view.slots, cos=position_embeddings[0], sin=position_embeddings[1], mask=mask)
-        step.layers[idx].replay()
-        self.persistent.replays += 1
-        return step.output()
-
-    def stack(self, n, hidden, mask, position_ids, position_embeddings, kv_view):
-        step = self._step(hidden, mask, position_embeddings[0], kv_view)
-        if step is None:
-            return super().stack(n, hidden, mask, position_ids, position_embeddings, kv_view)
-        if n not in step.stacks:
-            runs = [self._layer_fn(step, i) for i in range(n)]
-            step.stacks[n] = self._capture(step, lambda: [run() for run in runs])
-        step.fill(x=hidden, slots=kv_view.slots, cos=position_embeddings[0], sin=position_embeddings[1], mask=mask)
-        step.stacks[n].replay()
-        self.persistent.replays += 1
+        for graph in graphs:
+            graph.replay()
+        self.persistent.replays += len(graphs)
         return step.output()
 
     def logits(self, hidden):

@@ -106,6 +106,12 @@ class DecoderAdapter:
             use_cache=True, position_embeddings=position_embeddings,
         )
 
+    def segment(self, start: int, n: int, hidden, mask, position_ids, position_embeddings, kv_view):
+        """Layers ``start`` .. ``start + n - 1`` under one mask (the engine guarantees it serves them all)."""
+        for idx in range(start, start + n):
+            hidden = self.layer(idx, hidden, mask, position_ids, position_embeddings, kv_view)
+        return hidden
+
     def kv_projection(self, idx: int, hidden, position_embeddings):
         """K and V of layer ``idx`` computed from ``hidden`` [B, q, d] (projections only: CALM's propagation)."""
         layer = self.layers[idx]

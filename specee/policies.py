@@ -210,6 +210,11 @@ class EarlyExitPolicy(ExitPolicyBase):
         if hasattr(self.config.predictor, "reset"):
             self.config.predictor.reset(batch_size)
 
+    def plan(self, step: int, max_depth: int) -> StepPlan:
+        plan = super().plan(step, max_depth)
+        scheduled = getattr(self.config.predictor, "step_layers", None)  # a bank's per-step schedule, if it has one
+        return plan if scheduled is None else StepPlan(plan.layers, plan.eval_layers & scheduled())
+
     def decide(self, layer, hidden, adapter):
         return self.config.predictor.decide(layer, hidden, adapter)
 

@@ -278,6 +278,13 @@ class PredictorBank:
         sched = schedule_rows(hist, self.always, self.predictor_layers, self.offsets)
         self._sched = {l: [l in s for s in sched] for l in self.predictor_layers}
         self._sched_t = {}
+        probe = {self.draft.layer} if self.draft.layer is not None else set()
+        self._step_layers = frozenset(l for l, rows in self._sched.items() if any(rows)) | probe
+
+    def step_layers(self) -> frozenset[int]:
+        """The layers where :meth:`decide` can act this step (some row is scheduled there, or the draft probes
+        there); at the others it returns "no exit" at once, so the engine need not call it nor read anything back."""
+        return self._step_layers
 
     def _no_exit(self, hidden, adapter):
         if self._zeros is None or self._zeros.shape[0] != hidden.shape[0]:

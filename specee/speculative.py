@@ -218,7 +218,7 @@ class SelfSpeculativeDecoder:
         eng.cache.append(valid, positions)
 
         with a.uncaptured():
-            hidden, _, _ = eng._run(a.embed(input_ids), list(range(P)), eng.policy._all, None)
+            hidden, _, _ = eng._run(a.embed(input_ids), list(range(P)), eng.policy._all, None, spans=False)
         logits = a.logits(hidden[:, -1])
         seqs = torch.full((B, P + max_new), pad, dtype=torch.long, device=device)
         seqs[:, :P] = input_ids

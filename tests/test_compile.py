@@ -12,7 +12,7 @@ from specee import compiled
 from specee.cache import KVCache
 from specee.models import DecoderAdapter
 
-from conftest import ScriptedPredictor, left_padded_batch, make_tiny
+from conftest import ScheduledScript, ScriptedPredictor, left_padded_batch, make_tiny
 
 BACKEND = "aot_eager"
 
@@ -117,8 +117,9 @@ def test_qwen2_biases_and_tied_head_compiled():
 
 
 def test_no_recompiles_after_warmup():
-    """After warm-up, exits that change every step (deferred fills of varying size), new prompt lengths, new
-    lengths of the cache and batch sizes seen before compile nothing; the layer graph is shared by all layers."""
+    """After warm-up, exits that change every step (deferred fills of varying size, spans of varying length between
+    exit tests), new prompt lengths, new lengths of the cache and batch sizes seen before compile nothing; the layer
+    graph is shared by all layers, a chunk graph by all spans."""
     model = make_tiny("llama", num_hidden_layers=6)
     script = [3, 1, 6, 2, 5, 4, 1, 6, 2, 3]
     before = graphs()
@@ -129,13 +130,18 @@ def test_no_recompiles_after_warmup():
     # layer and head, for batch 1 / batch > 1 and one / several queries, plus the whole stack for full-depth steps
     # (batch 1 / batch > 1): not one per layer
     assert 0 < warm <= 8
+    compiled.warmup(model, mode="early_exit", exit_config={"predictor": ScheduledScript([6, 3, 5], range(6))},
+                    batch_sizes=(1, 3), compile=BACKEND)
+    # spans: chunks of 4 and 2 layers (SEGMENT_CHUNKS below 6 layers), all compiled at the first span of a shape
+    # class (batch 1 / batch > 1, one query / several), whichever sizes that span needed
+    assert graphs() - before - warm <= 2 * 4
     after_warmup = graphs()
     for lengths, n in (([5, 3, 7], 17), ([9], 11), ([2, 6, 4], 9)):
         ids, mask = left_padded_batch(lengths)
-        out = specee.generate(model, ids, mask, mode="early_exit", compile=BACKEND, max_new_tokens=n, do_sample=False,
-                              exit_config={"predictor": ScriptedPredictor(script, range(6))},
-                              return_dict_in_generate=True)
-        assert len(set(out.exit_layers[0].tolist())) > 3  # the exit layer really changed from step to step
+        for predictor in (ScriptedPredictor(script, range(6)), ScheduledScript(script, range(6))):
+            out = specee.generate(model, ids, mask, mode="early_exit", compile=BACKEND, max_new_tokens=n,
+                                  do_sample=False, exit_config={"predictor": predictor}, return_dict_in_generate=True)
+            assert len(set(out.exit_layers[0].tolist())) > 3  # the exit layer really changed from step to step
         specee.generate(model, ids, mask, compile=BACKEND, max_new_tokens=n, do_sample=False)
     assert graphs() == after_warmup
 

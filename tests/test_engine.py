@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import specee
-from conftest import FAMILIES, PAD, ScriptedPredictor, left_padded_batch, make_tiny
+from conftest import FAMILIES, PAD, ScheduledScript, ScriptedPredictor, left_padded_batch, make_tiny
 from specee.engine import Engine
 
 
@@ -279,3 +279,48 @@ def test_lookahead_needs_deferred_kv():
     with pytest.raises(ValueError, match="kv_policy='deferred'"):
         specee.generate(model, ids, mask, mode="confidence", max_new_tokens=2,
                         exit_config=dict(lookahead=True, kv_policy="skip"))
+
+
+def _per_layer(engine):
+    """Split every span the engine hands the adapter into single layers, each under the mask the cache gives for
+    that layer; checks on the way that the span's own mask is that mask, at every layer of the span."""
+    a, spans = engine.adapter, []
+    seg = a.segment
+
+    def split(start, n, hidden, mask, position_ids, rope, kv):
+        spans.append(n)
+        for l in range(start, start + n):
+            layer_mask = mask
+            if mask is not None:
+                layer_mask = kv.cache.mask(l, kv.slots, a.dtype, mask.dtype != torch.bool)
+                assert torch.equal(layer_mask, mask), f"a span from layer {start} shares a mask that layer {l} lacks"
+            hidden = seg(l, 1, hidden, layer_mask, position_ids, rope, kv)
+        return hidden
+
+    a.segment = split
+    return spans
+
+
+@pytest.mark.parametrize("compile", [None, "aot_eager"], ids=["eager", "compiled"])
+@pytest.mark.parametrize("kv_policy", ["skip", "propagate", "deferred", "monotone"])
+def test_spans_between_exit_tests_equal_layer_by_layer(kv_policy, compile):
+    """The layers between two exit tests run as one adapter call under one mask: the same tokens, exit layers and
+    KV as layer by layer, and the shared mask is each layer's own, whatever holes the KV policy leaves."""
+    model = make_tiny("llama", num_hidden_layers=8)
+    ids, mask = left_padded_batch([6, 9])
+    script = [[3, 3], [6, 8], [8, 8], [3, 6], [6, 6], [2, 8], [5, 5], [8, 3], [7, 7], [3, 3]]
+    results, spans = [], None
+    for split in (False, True):
+        engine = Engine(model, "early_exit", dict(kv_policy=kv_policy, predictor=ScheduledScript(script, range(7))),
+                        compile=compile)
+        if split:
+            spans = _per_layer(engine)
+        results.append((_decode(model, engine, ids, mask, len(script) + 1), engine.cache))
+    (spanned, c1), (layered, c2) = results
+    assert torch.equal(spanned.sequences, layered.sequences)
+    assert torch.equal(spanned.exit_layers, layered.exit_layers)
+    assert spanned.stats["host_syncs"] == layered.stats["host_syncs"]
+    assert max(spans) > 1, "some span covered several layers"
+    for l in range(8):
+        assert torch.equal(c1.present[l], c2.present[l])
+        torch.testing.assert_close(c1.k_layers[l], c2.k_layers[l], rtol=0, atol=0)

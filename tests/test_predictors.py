@@ -81,11 +81,11 @@ def test_features_and_mlp_match_plain_torch(B, d, V):
     assert torch.equal(ex, score > 0.5)
 
 
-def _gen(model, ids, mask, bank=None, n=12, **kw):
+def _gen(model, ids, mask, bank=None, n=12, compile=None, **kw):
     mode = "full" if bank is None else "early_exit"
     cfg = None if bank is None else {"predictor": bank, **kw}
     return specee.generate(model, ids, mask, mode=mode, exit_config=cfg, max_new_tokens=n, do_sample=False,
-                           return_dict_in_generate=True)
+                           compile=compile, return_dict_in_generate=True)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -342,3 +342,45 @@ def test_the_bank_listens_to_the_model_only_while_it_decodes():
     bank.finish()
     model(ids)
     assert len(seen) == 1 and not emb._forward_hooks
+
+
+class _Unscheduled:
+    """The bank without its per-step schedule: the engine then tests every predictor layer, every step."""
+
+    def __init__(self, bank):
+        self._bank = bank
+
+    def __getattr__(self, name):
+        if name == "step_layers":
+            raise AttributeError(name)
+        return getattr(self._bank, name)
+
+
+@pytest.mark.parametrize("compile", [None, "aot_eager"])
+def test_the_engine_tests_only_the_layers_scheduled_this_step(compile):
+    """Unscheduled layers are not tested at all (no call, no read-back): same tokens and exits, fewer syncs, and
+    the layers between two tests run as one span."""
+    model = make_tiny("llama", num_hidden_layers=10)
+    ids, mask = left_padded_batch([5, 9, 7])
+    outs = []
+    for wrap in (lambda b: b, _Unscheduled):
+        bank = PredictorBank(random_mlps(range(2, 9), bias=1.0), 0.5, NGramSource(K), always=[6], window=3)
+        bank.attach(model)
+        outs.append(_gen(model, ids, mask, wrap(bank), n=16, compile=compile))
+        bank.detach()
+    scheduled, every = outs
+    assert torch.equal(scheduled.sequences, every.sequences)
+    assert torch.equal(scheduled.exit_layers, every.exit_layers)
+    ex = scheduled.exit_layers[:, 1:]
+    assert ((ex > 0) & (ex < 10)).any() and (ex == 10).any(), "some steps exited, some ran the whole stack"
+    assert scheduled.stats["host_syncs"] < every.stats["host_syncs"]
+
+
+def test_step_layers_follow_the_schedule():
+    bank = PredictorBank(random_mlps(range(2, 12)), 0.5, NGramSource(K), always=[6], window=2)
+    bank.reset(2)
+    assert bank.step_layers() == {6}
+    bank.observe(torch.tensor([5, 12]))  # row 0 exited after layer 4 (schedules 2, 4, 6); row 1 ran all 12 (9, 11)
+    assert bank.step_layers() == {2, 4, 6, 9, 11}
+    probe = PredictorBank(random_mlps(range(2, 12)), 0.5, ProbeSource(1, K), always=[6])
+    assert probe.step_layers() == {1, 6}, "the probe draft proposes after its layer"
