@@ -212,7 +212,10 @@ class SelfSpeculativeDecoder:
         max_new = gc.max_length - P
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
-        eng.cache = a.new_cache(B, P + max_new * (K_max + 1) + K_max + 2)
+        # A round feeds up to K + 1 slots; the slots no row kept are handed back (see _rollback), so one row needs
+        # its tokens plus one round's drafts, while rows that accept different counts leave masked slots behind.
+        grow = max_new if B == 1 else max_new * (K_max + 1)
+        eng.cache = a.new_cache(B, P + grow + K_max + 2)
         eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)
@@ -331,14 +334,17 @@ class SelfSpeculativeDecoder:
 
     def _rollback(self, slots, active, appended):
         """Slot j of the round holds draft j: it stays iff that draft was emitted and is not the row's last
-        token (a stop may cut a row inside its accepted drafts); finished rows only fed padding."""
+        token (a stop may cut a row inside its accepted drafts); finished rows only fed padding. The slots no
+        row kept are handed back by moving the cache length (the next round rewrites them at every layer before
+        any query reads them); the others are masked for the rows that did not keep them."""
         cache = self.engine.cache
-        if all(n >= len(slots) for n in appended):
-            return  # every row kept every fed position: nothing to mask, attention stays unmasked
+        keep = max(appended)
+        cache.length = slots[0] + keep
+        if all(n == keep for n in appended):
+            return  # every row kept the same slots: nothing to mask, attention stays unmasked
         cache.all_valid = False
         kept = torch.tensor(appended, device=active.device)
-        cache.token_valid[:, slots[0]] &= active
-        for j in range(1, len(slots)):
+        for j in range(keep):
             cache.token_valid[:, slots[j]] &= kept > j
 
     def _append(self, pos):

@@ -84,16 +84,20 @@ def test_custom_stopping_criteria_and_host_check():
     assert (ref[:, 9:] == token).any(1).sum() >= 1
 
 
-def test_rollback_leaves_the_kv_of_a_full_run():
+@pytest.mark.parametrize("lengths", [[5, 8], [7]])
+def test_rollback_leaves_the_kv_of_a_full_run(lengths):
     model = damped(scale=0.5)
-    ids, mask = left_padded_batch([5, 8])
+    ids, mask = left_padded_batch(lengths)
     dec = SelfSpeculativeDecoder(model, dict(exit_layer=1, num_draft=4, adaptive_k=False))
     from test_engine import _decode  # the engine tests' harness: max-length stop, greedy
 
     res = _decode(model, dec, ids, mask, 14)
     assert sum(res.stats["accepted_histogram"][:4]) > 0, "some drafts were rejected and rolled back"
     cache = dec.engine.cache
-    for b in range(2):
+    if len(lengths) == 1:  # one row hands every rejected slot back: the cache holds the fed tokens and nothing else
+        assert cache.length == res.sequences.shape[1] - 1 and cache.token_valid[0, : cache.length].all()
+        assert cache.max_len <= res.sequences.shape[1] + 4 + 2
+    for b in range(len(lengths)):
         seq = res.sequences[b][mask[b].bool().tolist() + [True] * (res.sequences.shape[1] - mask.shape[1])][:-1]
         kv = model(seq[None], use_cache=True).past_key_values
         slots = cache.token_valid[b, : cache.length].nonzero()[:, 0]
