@@ -71,6 +71,20 @@ def compile_table(doc):
     return lines
 
 
+def spans_table(doc):
+    lines = [f"**Spans** (`bench/bench_spans.py`, {doc['model']} {doc['dtype']}, one decode step through "
+             f"{doc['layers_timed']} of {doc['num_layers']} layers, {doc['context']} tokens cached; chunks "
+             f"{doc['chunks']}: {doc['chunk_calls']} calls). " + _meta_line(doc["meta"]), ""]
+    ways = [w for w in ("per_layer", "chunks", "whole", "graphs_per_layer", "graphs_chunks", "graphs_whole")
+            if f"{w}_ms" in next(iter(doc["results"].values()))]
+    lines += ["| batch | " + " | ".join(f"{w} ms" for w in ways) + " | chunks vs per layer | whole vs per layer |",
+              "|---" * (len(ways) + 3) + "|"]
+    for batch, r in doc["results"].items():
+        lines.append(f"| {batch.split('_')[1]} | " + " | ".join(f"{r[w + '_ms']:.3f}" for w in ways)
+                     + f" | {r['chunks_vs_per_layer']:.2f}x | {r['whole_vs_per_layer']:.2f}x |")
+    return lines
+
+
 def ops_table(doc):
     cases = {}
     for r in doc["rows"]:
@@ -172,7 +186,8 @@ def predictors_table(doc):
 
 
 RENDER = {"e2e": e2e_table, "self_speculative": speculative_table, "ops": ops_table, "specee_bench": bench_table,
-          "replay": replay_table, "predictors": predictors_table, "compile": compile_table}
+          "replay": replay_table, "predictors": predictors_table, "compile": compile_table,
+          "spans": spans_table}
 
 
 def render():

@@ -10,6 +10,11 @@ sequence length, the exit layer or the holes. Shapes that legitimately vary (bat
 length, several queries per call for prefill, deferred fills and speculative verification) are
 marked dynamic the first time they are seen, so each compiles once per process.
 
+The engine hands over runs of layers between two exit tests (spans, ``segment``): a whole stack that tests no
+exit is one graph (as a gpt-fast step); any other run is a few calls of chunk graphs of ``SEGMENT_CHUNKS`` layers,
+one graph per chunk size whatever the start layer. Every chunk size compiles at the first span of a shape class,
+so no later exit pattern compiles anything in the middle of a generation.
+
 The arithmetic is transformers' Llama/Mistral/Qwen2 decoder layer op for op (RMSNorm in fp32,
 rotate-half RoPE, SDPA, SwiGLU); grouped-query attention packs the query heads of a KV head
 together instead of repeating K/V (transformers' ``pack_gqa``). Compiled kernels round differently

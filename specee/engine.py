@@ -8,6 +8,10 @@ layers projected from the exit hidden state, CALM), ``deferred`` (the pending hi
 missing layers with the next deeper step's token, exact), ``monotone`` (the exit layer never
 increases, so no hole is read).
 
+The layers between two exit tests run as one *span*: one adapter call under one attention mask (compiled:
+a few chunk graphs, or one graph for a whole stack that tests no exit). A span ends at a tested layer, where a
+deferred slot joins in, and where the holes change the mask (their depths are kept on the host).
+
 Token selection follows transformers' ``_sample`` line for line (logits processors on fp32 logits,
 argmax or ``torch.multinomial``), so ``full`` reproduces ``model.generate`` token for token.
 """

@@ -15,7 +15,8 @@ every layer of a step shape shares:
 - the prefill runs the compiled layer unrecorded (its shape rarely repeats); decode steps, deferred
   fills and speculative verification (up to ``MAX_GRAPH_QUERIES`` queries) replay graphs;
 - the engine decides exits between replays, as with the compiled layer, so the exit layer may change
-  every step without a new capture.
+  every step without a new capture; a span of layers between two exit tests replays its layers' graphs back
+  to back (inputs filled once).
 
 Persistent cache: graphs read the cache at fixed addresses, so the KV buffers outlive a generation.
 They belong to the model (one set, for the latest batch size and slot bucket); a generation whose
