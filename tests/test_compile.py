@@ -75,6 +75,8 @@ CASES = [
     ("confidence", dict(thresholds=0.1, kv_policy="skip")),
     ("early_exit", "scripted"),
     ("early_exit", "scripted-monotone"),
+    ("early_exit", "scheduled"),
+    ("early_exit", "scheduled-skip"),
     ("self_speculative", dict(exit_layer=2, num_draft=3, adaptive_k=False)),
     ("self_speculative", None),
 ]
@@ -83,6 +85,9 @@ CASES = [
 def _config(cfg):
     if cfg == "scripted":
         return {"predictor": ScriptedPredictor([2, 1, 3, 4, 2, 3, 1], range(4))}
+    if cfg and cfg.startswith("scheduled"):  # tests only where this step's rows exit: spans over earlier holes
+        script = [[2, 4, 3], [4, 1, 4], [3, 3, 3], [1, 4, 2], [4, 4, 4], [2, 3, 1], [3, 1, 4]]  # per row (3 rows)
+        return {"predictor": ScheduledScript(script, range(4)), "kv_policy": "skip" if "skip" in cfg else "deferred"}
     if cfg == "scripted-monotone":
         return {"predictor": ScriptedPredictor([3, 3, 2, 2, 1], range(4)), "kv_policy": "monotone"}
     return cfg
