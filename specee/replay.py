@@ -26,9 +26,9 @@ engine can learn of the exit, measured against ``full`` side by side:
 - ``planned``: the step's depth is planned from the trace (no exit test): the engine's floor.
 - ``exit``: every layer is planned, the exit is tested only at the step's trace layer (an ideal
   predictor that is asked once): one LM head and one read-back per exiting token.
-- ``all``: the exit is tested at every layer where the trace ever exits, as ``early_exit`` mode does
-  with a predictor bank on those layers: one read-back (and, as the predictor returns no logits,
-  one LM head) per tested layer until the exit.
+- ``all``: the exit is tested at every layer where the trace ever exits, as an ``early_exit`` bank would
+  without its per-step schedule (a bank tests only the layers it scheduled for the step, between
+  ``exit`` and ``all``): one read-back per tested layer until the exit, the LM head where a row exits.
 
 The ideal is the layers-run cost model ``(L * layer + head) / (mean_exit * layer + head)`` with the
 per-layer and head times measured in the same run (a batch's step runs to its deepest row).

@@ -85,7 +85,7 @@ CASES = [
 def _config(cfg):
     if cfg == "scripted":
         return {"predictor": ScriptedPredictor([2, 1, 3, 4, 2, 3, 1], range(4))}
-    if cfg and cfg.startswith("scheduled"):  # tests only where this step's rows exit: spans over earlier holes
+    if isinstance(cfg, str) and cfg.startswith("scheduled"):  # tests only where this step's rows exit: spans over earlier holes
         script = [[2, 4, 3], [4, 1, 4], [3, 3, 3], [1, 4, 2], [4, 4, 4], [2, 3, 1], [3, 1, 4]]  # per row (3 rows)
         return {"predictor": ScheduledScript(script, range(4)), "kv_policy": "skip" if "skip" in cfg else "deferred"}
     if cfg == "scripted-monotone":
