@@ -9,8 +9,8 @@ missing layers with the next deeper step's token, exact), ``monotone`` (the exit
 increases, so no hole is read).
 
 The layers between two exit tests run as one *span*: one adapter call under one attention mask (compiled:
-a few chunk graphs, or one graph for a whole stack that tests no exit). A span ends at a tested layer, where a
-deferred slot joins in, and where the holes change the mask (their depths are kept on the host).
+a few chunk graphs, or one graph for a whole stack that tests no exit). A span ends at a tested layer and where
+the holes change the mask or a deferred slot joins in (their depths are kept on the host).
 
 Token selection follows transformers' ``_sample`` line for line (logits processors on fp32 logits,
 argmax or ``torch.multinomial``), so ``full`` reproduces ``model.generate`` token for token.
@@ -96,10 +96,11 @@ class Engine:
 
         def span(i):
             """How many layers from layers[i] on run as one adapter call: consecutive, no exit test before the
-            last, no deferred slot joining in, the same holes (one mask serves them all). A full-depth step that
-            tests no exit is one call (one compiled graph for the stack, as a gpt-fast step)."""
+            last, the same holes and deferred slots (a pending slot joins at its depth, a boundary), so one mask
+            and one set of queries serve them all. A full-depth step that tests no exit is one call (one compiled
+            graph for the stack, as a gpt-fast step)."""
             n = 1
-            if not spans or pend and pend.active(layers[i]):
+            if not spans:
                 return n
             while (i + n < len(layers) and layers[i + n] == layers[i + n - 1] + 1
                    and layers[i + n - 1] not in plan.eval_layers and layers[i + n] not in boundaries):
@@ -117,7 +118,8 @@ class Engine:
             idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
             x = torch.cat([pend.hidden[:, active], hidden], dim=1)
             mask = cache.mask(l, all_t[idx], a.dtype, additive)
-            out = a.layer(l, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]), cache.view(all_t[idx], None))
+            out = a.segment(l, n, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]),
+                            cache.view(all_t[idx], None))
             pend.hidden[:, active] = out[:, : len(active)]
             return out[:, len(active):]
 

@@ -288,7 +288,7 @@ def _per_layer(engine):
     seg = a.segment
 
     def split(start, n, hidden, mask, position_ids, rope, kv):
-        spans.append(n)
+        spans.append((n, hidden.shape[1]))
         for l in range(start, start + n):
             layer_mask = mask
             if mask is not None:
@@ -320,7 +320,9 @@ def test_spans_between_exit_tests_equal_layer_by_layer(kv_policy, compile):
     assert torch.equal(spanned.sequences, layered.sequences)
     assert torch.equal(spanned.exit_layers, layered.exit_layers)
     assert spanned.stats["host_syncs"] == layered.stats["host_syncs"]
-    assert max(spans) > 1, "some span covered several layers"
+    assert max(n for n, q in spans) > 1, "some span covered several layers"
+    if kv_policy == "deferred":
+        assert any(n > 1 and q > 1 for n, q in spans), "a deferred slot rode along a span"
     for l in range(8):
         assert torch.equal(c1.present[l], c2.present[l])
         torch.testing.assert_close(c1.k_layers[l], c2.k_layers[l], rtol=0, atol=0)
