@@ -10,10 +10,12 @@ graphs a span replays its layers' graphs back to back. This times one step (batc
 
   per_layer   L - 1 compiled layer calls (what every step did before spans)
   chunks      one span of L - 1 layers (chunk graphs: 8, 8, 8, 4, 2, 1 calls for 31 layers)
-  whole       the L layers as one graph (a full-depth step), scaled to L - 1 layers
+  whole       the L layers as one graph (a full-depth step; compiled, one query only), scaled to L - 1 layers
   graphs_*    --graphs (CUDA): the same through specee.graphs (per-layer replays / the whole-stack graph)
 
-Reports ms per step and the ratio of each to per_layer; the outputs of per_layer and chunks must agree to rounding.
+for 1 query per row (decoding) and for K + 1 (a speculative verification: on a GPU it should cost about one query,
+memory-bound; on a CPU it does not). Reports ms per step and the ratio of each to per_layer; the outputs of
+per_layer and chunks must agree to rounding.
 Decides whether chunks pay on a device (call overhead against longer compiles) and whether spans deserve graphs of
 their own (graphs_per_layer against graphs_whole).
 """
@@ -39,17 +41,19 @@ def _sync(device):
 
 
 @torch.no_grad()
-def time_step(adapter, batch, context, reps):
-    """ms per step of each way to run L - 1 layers, and the largest |per_layer - chunks| difference."""
+def time_step(adapter, batch, queries, context, reps):
+    """ms per step of each way to run L - 1 layers for ``queries`` tokens per row (1: decoding; K + 1: a speculative
+    verification), and the largest |per_layer - chunks| difference."""
     a, L = adapter, adapter.num_layers
     cache = a.new_cache(batch, context + 8)
     cache.append(torch.ones(batch, context, dtype=torch.bool, device=a.device),
                  torch.arange(context, device=a.device).expand(batch, -1))
-    slot = context - 1
-    slots, pos = torch.tensor([slot], device=a.device), cache.positions[:, slot: slot + 1]
-    x = torch.randn(batch, 1, a.shape.hidden_size, dtype=a.dtype, device=a.device)
+    first = context - queries
+    slots = torch.arange(first, context, device=a.device)
+    pos = cache.positions[:, first:context]
+    x = torch.randn(batch, queries, a.shape.hidden_size, dtype=a.dtype, device=a.device)
     rope, mask = a.rope(x, pos), cache.mask(None, slots, a.dtype, False)
-    view = cache.view(slots, slice(slot, slot + 1))
+    view = cache.view(slots, slice(first, context))
 
     def per_layer():
         h = x
@@ -57,8 +61,9 @@ def time_step(adapter, batch, context, reps):
             h = a.layer(l, h, mask, pos, rope, view)
         return h
 
-    ways = dict(per_layer=per_layer, chunks=lambda: a.segment(0, L - 1, x, mask, pos, rope, view),
-                whole=lambda: a.segment(0, L, x, mask, pos, rope, view))
+    ways = dict(per_layer=per_layer, chunks=lambda: a.segment(0, L - 1, x, mask, pos, rope, view))
+    if queries == 1:  # the whole-stack graph serves one-query steps only
+        ways["whole"] = lambda: a.segment(0, L, x, mask, pos, rope, view)
     outs = {name: fn() for name, fn in ways.items()}  # compiles (and captures) outside the timing
     ms = {name: [] for name in ways}
     for _ in range(reps):  # interleaved; the median is kept
@@ -70,7 +75,8 @@ def time_step(adapter, batch, context, reps):
             _sync(a.device)
             ms[name].append((time.perf_counter() - t) / 10 * 1e3)
     ms = {name: statistics.median(v) for name, v in ms.items()}
-    ms["whole"] *= (L - 1) / L
+    if "whole" in ms:
+        ms["whole"] *= (L - 1) / L
     return ms, float((outs["per_layer"] - outs["chunks"]).abs().max())
 
 
@@ -80,6 +86,8 @@ def main(argv=None):
                     "default: the default model")
     ap.add_argument("--device", default=None)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
+    ap.add_argument("--queries", type=int, nargs="+", default=[1, 2, 5],
+                    help="tokens per row and step (1: decoding; K + 1: verifying K drafts)")
     ap.add_argument("--context", type=int, default=256, help="tokens in the cache")
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None)
@@ -104,14 +112,15 @@ def main(argv=None):
         kinds["graphs_"] = GraphedAdapter(model, dict(graphs=True))
     results = {}
     for bs in args.batch_sizes:
-        row = {}
-        for prefix, adapter in kinds.items():
-            ms, diff = time_step(adapter, bs, args.context, args.reps)
-            row.update({f"{prefix}{k}_ms": v for k, v in ms.items()})
-            row[f"{prefix}max_abs_diff_per_layer_vs_chunks"] = diff
-            row.update({f"{prefix}{k}_vs_per_layer": ms["per_layer"] / v for k, v in ms.items() if k != "per_layer"})
-        results[f"batch_{bs}"] = row
-        print(f"batch {bs}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
+        for q in args.queries:
+            row = {}
+            for prefix, adapter in kinds.items():
+                ms, diff = time_step(adapter, bs, q, args.context, args.reps)
+                row.update({f"{prefix}{k}_ms": v for k, v in ms.items()})
+                row[f"{prefix}max_abs_diff_per_layer_vs_chunks"] = diff
+                row.update({f"{prefix}{k}_vs_per_layer": ms["per_layer"] / v for k, v in ms.items() if k != "per_layer"})
+            results[f"batch_{bs}_queries_{q}"] = row
+            print(f"batch {bs}, {q} queries: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()))
     L = model.config.num_hidden_layers
     path = write_json(f"{args.out}.json", dict(
         benchmark="spans", model=name, dtype=str(next(model.parameters()).dtype), num_layers=L,

@@ -72,16 +72,18 @@ def compile_table(doc):
 
 
 def spans_table(doc):
-    lines = [f"**Spans** (`bench/bench_spans.py`, {doc['model']} {doc['dtype']}, one decode step through "
+    lines = [f"**Spans** (`bench/bench_spans.py`, {doc['model']} {doc['dtype']}, one step through "
              f"{doc['layers_timed']} of {doc['num_layers']} layers, {doc['context']} tokens cached; chunks "
              f"{doc['chunks']}: {doc['chunk_calls']} calls). " + _meta_line(doc["meta"]), ""]
-    ways = [w for w in ("per_layer", "chunks", "whole", "graphs_per_layer", "graphs_chunks", "graphs_whole")
-            if f"{w}_ms" in next(iter(doc["results"].values()))]
-    lines += ["| batch | " + " | ".join(f"{w} ms" for w in ways) + " | chunks vs per layer | whole vs per layer |",
+    ways = ("per_layer", "chunks", "whole", "graphs_per_layer", "graphs_chunks", "graphs_whole")
+    ways = [w for w in ways if any(f"{w}_ms" in r for r in doc["results"].values())]
+    lines += ["| batch | queries | " + " | ".join(f"{w} ms" for w in ways) + " | chunks vs per layer |",
               "|---" * (len(ways) + 3) + "|"]
-    for batch, r in doc["results"].items():
-        lines.append(f"| {batch.split('_')[1]} | " + " | ".join(f"{r[w + '_ms']:.3f}" for w in ways)
-                     + f" | {r['chunks_vs_per_layer']:.2f}x | {r['whole_vs_per_layer']:.2f}x |")
+    for key, r in doc["results"].items():
+        parts = key.split("_")
+        lines.append(f"| {parts[1]} | {parts[3] if len(parts) > 3 else 1} | "
+                     + " | ".join(_fmt(r.get(w + "_ms"), ".2f") for w in ways)
+                     + f" | {r['chunks_vs_per_layer']:.2f}x |")
     return lines
 
 

@@ -7,9 +7,10 @@ A round (LayerSkip, Elhoushi et al. 2024, arXiv 2404.16710; Kangaroo, Liu et al.
 2. Verify: run layers [e, L) over all fed positions of all rows in one pass. The shallow layers' KV
    written while drafting is reused (one cache, not two), then ``specee.ops.verify_greedy`` /
    ``verify_sample`` accept a prefix per row and add one target token.
-3. Roll back: the rejected positions of each row are masked out of the cache in every layer (the
-   slots stay, their ``token_valid`` bit drops), so the valid KV is exactly a full run's over the
-   accepted tokens; positions are per row.
+3. Roll back: slots that no row kept are handed back (the cache length moves back; the next round
+   rewrites them), and a row's rejected positions below that are masked out in every layer (their
+   ``token_valid`` bit drops), so the valid KV is exactly a full run's over the accepted tokens;
+   positions are per row.
 The host reads back once per round (the accepted counts and tokens); EOS and max-length stops are then
 decided on those host ids (``host_stopper``), other stopping criteria are called per emitted token.
 
