@@ -15,6 +15,8 @@ Methods (greedy, batch 1, the default model, Spec-Bench prompts spread over cate
   full_compiled       specee full, compile=True
   <mode>_compiled     specee <mode>, compile=True (the exit modes)
   <mode>_graphs       the same with compile=dict(graphs=True): per-layer CUDA graphs (--graphs, GPU only)
+  full_cpp_wrapper    full, compile=dict(options={"cpp_wrapper": True}): inductor's C++ wrapper calls the kernels
+                      instead of Python (--cpp-wrapper; its first compile takes minutes)
 Every prompt is decoded by every method in turn, after a warm-up that compiles (its seconds are
 reported apart, per method). Reports tokens/s, speedup over hf_static_compiled and over hf_eager,
 token agreement with full greedy, mean exit layer, and the oracle bound priced with the compiled
@@ -42,8 +44,9 @@ from specee.bench import DEFAULT_CONFIGS, hf_static_compiled, oracle_exits  # no
 from specee.prompts import encode, new_tokens  # noqa: E402
 
 
-def methods(model, modes, max_cache_len, graphs=False):
-    """The methods to time; with ``graphs`` each compiled specee method gets a ``*_graphs`` twin (CUDA graphs)."""
+def methods(model, modes, max_cache_len, graphs=False, cpp_wrapper=False):
+    """The methods to time; with ``graphs`` each compiled specee method gets a ``*_graphs`` twin (CUDA graphs), with
+    ``cpp_wrapper`` full gets a ``full_cpp_wrapper`` twin."""
     L = model.config.num_hidden_layers
     m = {"hf_eager": ("hf", model.generate),
          "hf_static_compiled": ("hf", hf_static_compiled(model, max_cache_len=max_cache_len)),
@@ -58,6 +61,8 @@ def methods(model, modes, max_cache_len, graphs=False):
         m[f"{mode}_compiled"] = ("specee", dict(mode=mode, exit_config=cfg, compile=True))
         if graphs:
             m[f"{mode}_graphs"] = ("specee", dict(mode=mode, exit_config=cfg, compile=dict(graphs=True)))
+        if cpp_wrapper and mode == "full":
+            m["full_cpp_wrapper"] = ("specee", dict(mode="full", compile=dict(options={"cpp_wrapper": True})))
     return m
 
 
@@ -111,7 +116,7 @@ def main_shape(args):
     for bs in args.batch_sizes:
         ids = torch.randint(0, model.config.vocab_size, (bs, args.prompt_len), generator=g).to(dev)
         mask = torch.ones_like(ids)
-        how = methods(model, [], max_cache_len=args.prompt_len + N, graphs=args.graphs)
+        how = methods(model, [], max_cache_len=args.prompt_len + N, graphs=args.graphs, cpp_wrapper=args.cpp_wrapper)
         first = {name: run(model, ids, mask, h, 8)[2] for name, h in how.items()}  # compiles
         secs = {name: [] for name in how}
         seqs = {}
@@ -177,6 +182,8 @@ def main(argv=None):
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16], help="--shape: batch sizes")
     ap.add_argument("--prompt-len", type=int, default=32, help="--shape: random prompt tokens")
     ap.add_argument("--reps", type=int, default=3, help="--shape: interleaved repetitions (median kept)")
+    ap.add_argument("--cpp-wrapper", action="store_true", help="also run full with inductor's C++ wrapper "
+                    "(compile=dict(options={'cpp_wrapper': True}); row full_cpp_wrapper)")
     ap.add_argument("--graphs", action="store_true", help="also run each compiled specee method with "
                     "compile=dict(graphs=True): per-layer CUDA graphs (GPU only; rows named *_graphs)")
     args = ap.parse_args(argv)
@@ -189,7 +196,8 @@ def main(argv=None):
     L = model.config.num_hidden_layers
     prompts = pick_prompts(args.prompts, args.num_prompts)
     longest = max(encode(tok, [p.text])[0].shape[1] for p in prompts)
-    how = methods(model, args.modes, max_cache_len=longest + args.max_new_tokens, graphs=args.graphs)
+    how = methods(model, args.modes, max_cache_len=longest + args.max_new_tokens, graphs=args.graphs,
+                  cpp_wrapper=args.cpp_wrapper)
 
     warm_ids, warm_mask = encode(tok, [prompts[0].text])
     compile_s = {}

@@ -107,25 +107,31 @@ def head_step(hidden, norm_w, head_w, eps: float):
 
 
 def parse_compile(value) -> dict | None:
-    """``compile=`` of generate(): False/None, True (inductor), a backend name, or a dict(backend=, mode=, graphs=).
+    """``compile=`` of generate(): False/None, True (inductor), a backend name, or a dict(backend=, mode=, graphs=,
+    options=).
 
     ``graphs=True`` replays the compiled layers as hand-captured CUDA graphs (``specee.graphs``); ``"host"``
-    runs that path on the CPU without graphs (tests)."""
+    runs that path on the CPU without graphs (tests). ``options`` are inductor config patches for specee's graphs
+    only, e.g. ``{"cpp_wrapper": True}`` (a C++ wrapper calls the kernels instead of Python: less host time per
+    call, longer compiles)."""
     if value is None or value is False:
         return None
     if value is True:
-        opts = {"backend": "inductor", "mode": None, "graphs": False}
+        opts = {"backend": "inductor", "mode": None, "graphs": False, "options": {}}
     elif isinstance(value, str):
-        opts = {"backend": value, "mode": None, "graphs": False}
+        opts = {"backend": value, "mode": None, "graphs": False, "options": {}}
     elif isinstance(value, dict):
-        unknown = set(value) - {"backend", "mode", "graphs"}
+        unknown = set(value) - {"backend", "mode", "graphs", "options"}
         if unknown:
             raise ValueError(f"unknown compile options {sorted(unknown)}; give "
-                             "compile=dict(backend=..., mode=..., graphs=...).")
+                             "compile=dict(backend=..., mode=..., graphs=..., options=...).")
         opts = {"backend": value.get("backend", "inductor"), "mode": value.get("mode"),
-                "graphs": value.get("graphs", False)}
+                "graphs": value.get("graphs", False), "options": dict(value.get("options") or {})}
         if opts["graphs"] not in (False, True, "host"):
             raise ValueError(f"compile graphs={opts['graphs']!r}: use True (CUDA graphs), False or 'host'.")
+        if opts["options"] and opts["backend"] != "inductor":
+            raise ValueError(f"compile options= patch inductor's config; backend {opts['backend']!r} does not read "
+                             "them: drop options or use backend='inductor'.")
     else:
         raise TypeError(f"compile must be a bool, a backend name or a dict, got {type(value).__name__}.")
     if opts["backend"] not in _BACKENDS:
@@ -138,12 +144,12 @@ def parse_compile(value) -> dict | None:
     return opts
 
 
-def _timed_backend(backend: str, mode):
+def _timed_backend(backend: str, mode, options=None):
     """Wrap a dynamo backend so the seconds spent compiling graphs are counted apart from decoding."""
     if backend == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        patches = torch._inductor.list_mode_options(mode) if mode else {}
+        patches = {**(torch._inductor.list_mode_options(mode) if mode else {}), **(options or {})}
         inner = partial(compile_fx, config_patches=patches) if patches else compile_fx
     else:
         from torch._dynamo.backends.registry import lookup_backend
@@ -164,11 +170,13 @@ def _compiled(fn, opts, signature):
     """``fn`` compiled for one model signature (shapes, dtype, device). Dynamo keeps its graphs, and its budget
     of recompiles (8 by default), per code object: a private copy of ``fn``'s code per signature keeps models
     from using up each other's budget, without raising torch's limit for everyone else in the process."""
-    key = (fn.__name__, opts["backend"], opts["mode"], signature)
+    options = opts.get("options") or {}
+    key = (fn.__name__, opts["backend"], opts["mode"], repr(sorted(options.items())), signature)
     if key not in _COMPILED:
         private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                      fn.__closure__)
-        _COMPILED[key] = torch.compile(private, backend=_timed_backend(opts["backend"], opts["mode"]), fullgraph=True)
+        _COMPILED[key] = torch.compile(private, backend=_timed_backend(opts["backend"], opts["mode"], options),
+                                       fullgraph=True)
     return _COMPILED[key]
 
 

@@ -159,7 +159,8 @@ class GraphedAdapter(CompiledAdapter):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache over the model's persistent buffers (made, with fresh graphs, when the shape changes)."""
         S = -(-max_len // SLOT_BUCKET) * SLOT_BUCKET
-        key = (batch, S, self.signature, self.opts["backend"], self.opts["mode"], self.graph_cls.__name__,
+        key = (batch, S, self.signature, self.opts["backend"], self.opts["mode"],
+               repr(sorted(self.opts["options"].items())), self.graph_cls.__name__,
                tuple(w[1].data_ptr() for w in self.weights), self.lm_head.weight.data_ptr())
         p = self.persistent
         if p is None or p.key != key:

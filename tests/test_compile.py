@@ -160,11 +160,34 @@ def test_compile_errors():
         specee.generate(model, ids, mask, max_new_tokens=2, compile=dict(mode="reduce-overhead"))
     with pytest.raises(TypeError, match="compile must be"):
         specee.generate(model, ids, mask, max_new_tokens=2, compile=3)
+    with pytest.raises(ValueError, match="backend='inductor'"):
+        specee.generate(model, ids, mask, max_new_tokens=2, compile=dict(backend=BACKEND, options={"cpp_wrapper": True}))
     odd = make_tiny("llama", hidden_act="gelu_new")
     with pytest.raises(ValueError, match="compile=False"):
         specee.generate(odd, ids, mask, max_new_tokens=2, compile=True)
     # the same model decodes eagerly
     assert specee.generate(odd, ids, mask, max_new_tokens=2).shape == (1, ids.shape[1] + 2)
+
+
+def test_inductor_options_reach_inductor(monkeypatch):
+    """compile=dict(options=...) patches inductor's config for specee's graphs (here recorded instead of compiled:
+    a real cpp_wrapper build takes minutes), and graphs compiled with other options are kept apart."""
+    import torch._inductor.compile_fx as cfx
+
+    seen = []
+
+    def fake_compile_fx(gm, example_inputs, config_patches=None):
+        seen.append(dict(config_patches or {}))
+        return gm.forward
+
+    monkeypatch.setattr(cfx, "compile_fx", fake_compile_fx)
+    model = make_tiny("llama")
+    ids, mask = left_padded_batch([4])
+    ref = specee.generate(model, ids, mask, max_new_tokens=4, do_sample=False)
+    opts = {"cpp_wrapper": True, "fx_graph_cache": False}  # a key no other test compiles with
+    out = specee.generate(model, ids, mask, max_new_tokens=4, do_sample=False, compile=dict(options=opts))
+    assert torch.equal(out, ref)
+    assert seen and all(p == opts for p in seen)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md C1)")
