@@ -149,7 +149,10 @@ def generate(model, input_ids, attention_mask=None, *, mode: str = "full", exit_
         Decode through compiled code (``torch.compile``): one compiled decoder-layer step reused by
         every layer, over a static KV cache, so exits cause no recompiles. ``True`` uses inductor; a
         backend name (``"inductor"``, ``"aot_eager"``, ``"eager"``) or ``dict(backend=..., mode=...)``
-        picks another. The first call in a process compiles (see :func:`specee.compiled.warmup`).
+        picks another; ``dict(graphs=True)`` replays CUDA graphs (``specee.graphs``) and
+        ``dict(options={"cpp_wrapper": True})`` patches inductor's config (see
+        :func:`specee.compiled.parse_compile`). The first call in a process compiles (see
+        :func:`specee.compiled.warmup`).
     **generate_kwargs
         Anything ``model.generate`` accepts: ``generation_config`` and its fields (``max_new_tokens``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ...), ``logits_processor``,
