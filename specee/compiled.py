@@ -166,17 +166,21 @@ def _timed_backend(backend: str, mode, options=None):
     return compile_graph
 
 
+def options_key(opts) -> tuple:
+    """What of ``parse_compile``'s options changes the compiled code (graphs compiled otherwise are kept apart)."""
+    return opts["backend"], opts["mode"], repr(sorted(opts["options"].items()))
+
+
 def _compiled(fn, opts, signature):
     """``fn`` compiled for one model signature (shapes, dtype, device). Dynamo keeps its graphs, and its budget
     of recompiles (8 by default), per code object: a private copy of ``fn``'s code per signature keeps models
     from using up each other's budget, without raising torch's limit for everyone else in the process."""
-    options = opts.get("options") or {}
-    key = (fn.__name__, opts["backend"], opts["mode"], repr(sorted(options.items())), signature)
+    key = (fn.__name__, *options_key(opts), signature)
     if key not in _COMPILED:
         private = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                      fn.__closure__)
-        _COMPILED[key] = torch.compile(private, backend=_timed_backend(opts["backend"], opts["mode"], options),
-                                       fullgraph=True)
+        backend = _timed_backend(opts["backend"], opts["mode"], opts["options"])
+        _COMPILED[key] = torch.compile(private, backend=backend, fullgraph=True)
     return _COMPILED[key]
 
 
@@ -268,7 +272,7 @@ class CompiledAdapter(DecoderAdapter):
         self.signature = (s, self.dtype, str(self.device), tuple(w is None for w in self.weights[0]))
         self._layer = _compiled(layer_step, self.opts, self.signature)
         self._head = _compiled(head_step, self.opts, self.signature)
-        self._stacks = {}                        # chunk size -> compiled stack_step
+        self._chunks = {}                        # layers in a row -> compiled call (see _chunk)
         self._precompiled = set()                # shape classes whose chunk graphs are all compiled
         self._sources, self._dense_inputs = {}, {}  # name -> last input seen / its dense copy (see _dense)
 
@@ -301,13 +305,16 @@ class CompiledAdapter(DecoderAdapter):
         return hidden
 
     def _chunk(self, size):
-        """Compiled layers (weights, caches) -> x for ``size`` layers in a row."""
-        if size == 1:
-            return lambda x, ws, ks, vs, *rest: self._layer(x, ws[0], ks[0], vs[0], *rest, **self.static_args)
-        if size not in self._stacks:
-            self._stacks[size] = _compiled(stack_step, self.opts, (*self.signature, size))
-        fn = self._stacks[size]
-        return lambda x, ws, ks, vs, *rest: fn(x, tuple(ws), ks, vs, *rest, **self.static_args)
+        """Compiled layers (weights, caches) -> x for ``size`` layers in a row (made once per size: per-span hot path)."""
+        if size not in self._chunks:
+            static = self.static_args
+            if size == 1:
+                layer = self._layer
+                self._chunks[size] = lambda x, ws, ks, vs, *rest: layer(x, ws[0], ks[0], vs[0], *rest, **static)
+            else:
+                stack = _compiled(stack_step, self.opts, (*self.signature, size))
+                self._chunks[size] = lambda x, ws, ks, vs, *rest: stack(x, tuple(ws), ks, vs, *rest, **static)
+        return self._chunks[size]
 
     def _precompile_chunks(self, hidden, slots, cos, sin, mask, cache):
         """Compile every chunk size for this call's shape class (batch 1 or more, one query or more) at once, on
@@ -394,6 +401,7 @@ def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             length = dict(max_length=max_length) if max_length else dict(max_new_tokens=max_new_tokens)
+            stop = StoppingCriteriaList([MaxLengthCriteria(3 + max_new_tokens)])
             generate(model, ids, torch.ones_like(ids), mode=mode, exit_config=exit_config, compile=compile,
-                     do_sample=False, pad_token_id=pad, stopping_criteria=StoppingCriteriaList([MaxLengthCriteria(3 + max_new_tokens)]), **length)
+                     do_sample=False, pad_token_id=pad, stopping_criteria=stop, **length)
     return time.perf_counter() - t

@@ -40,7 +40,7 @@ import contextlib
 import torch
 
 from .cache import KVCache
-from .compiled import CompiledAdapter, _dynamic_dims, _mark_cache, changed
+from .compiled import CompiledAdapter, _dynamic_dims, _mark_cache, changed, options_key
 
 SLOT_BUCKET = 256        # cache slots are rounded up to a multiple: nearby lengths share buffers and graphs
 MAX_GRAPH_QUERIES = 8    # calls with more queries (prefill, long deferred fills) run the compiled layer unrecorded
@@ -159,8 +159,7 @@ class GraphedAdapter(CompiledAdapter):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A cache over the model's persistent buffers (made, with fresh graphs, when the shape changes)."""
         S = -(-max_len // SLOT_BUCKET) * SLOT_BUCKET
-        key = (batch, S, self.signature, self.opts["backend"], self.opts["mode"],
-               repr(sorted(self.opts["options"].items())), self.graph_cls.__name__,
+        key = (batch, S, self.signature, *options_key(self.opts), self.graph_cls.__name__,
                tuple(w[1].data_ptr() for w in self.weights), self.lm_head.weight.data_ptr())
         p = self.persistent
         if p is None or p.key != key:
