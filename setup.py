@@ -2,7 +2,8 @@
 
 Build with `pip install --no-build-isolation -e .` so the extension links the torch you run.
 SPECEE_DEBUG=1 builds with -g -lineinfo; SPECEE_NO_EXT=1 skips the extension (reference ops only);
-SPECEE_FORCE_CUDA=1 builds the CUDA ops even when no GPU is visible (needs a CUDA torch and nvcc).
+SPECEE_CUDA_ARCHS="90a" (";"-separated) picks the CUDA architectures (default 80;89;90a). A CUDA torch and nvcc are
+enough to build the CUDA ops; no GPU needs to be visible.
 """
 import glob
 import os
@@ -45,6 +46,18 @@ def _extensions():
     if sys.platform.startswith("linux"):
         kwargs["extra_link_args"] = ["-fopenmp"]
 
+    home = cpp_extension.CUDA_HOME
+    if (torch.version.cuda is not None and home is not None
+            and not any(os.path.exists(os.path.join(home, d, "libcudart.so")) for d in ("lib64", "lib"))):
+        # torch takes CUDA_HOME = dirname(dirname(which nvcc)): a wrapper script such as /usr/local/bin/nvcc gives
+        # /usr/local, where `-lcudart` then fails to link. Use the toolkit root if there is one, else CPU ops only.
+        if os.path.exists("/usr/local/cuda/bin/nvcc") and not os.environ.get("CUDA_HOME"):
+            _say(f"CUDA_HOME={home!r} has no libcudart.so; using /usr/local/cuda (set CUDA_HOME to override).")
+            cpp_extension.CUDA_HOME = "/usr/local/cuda"
+        else:
+            _say(f"CUDA_HOME={home!r} has no lib64/libcudart.so (set CUDA_HOME to the CUDA toolkit root); "
+                 "building the C++ CPU ops only.")
+            cpp_extension.CUDA_HOME = None
     want_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
     if torch.version.cuda is not None and cpp_extension.CUDA_HOME is None:
         _say("torch has CUDA but nvcc was not found (set CUDA_HOME); building the C++ CPU ops only.")

@@ -6,6 +6,7 @@ Replaces the text between `<!-- results:begin -->` and `<!-- results:end -->` in
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -206,7 +207,8 @@ def render():
     return "\n".join(out)
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     readme = HERE / "README.md"
     text = readme.read_text()
     head, rest = text.split(BEGIN, 1)

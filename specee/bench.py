@@ -465,6 +465,9 @@ def main_bench(args):
         from .replay import main_replay
 
         return main_replay(args)
+    if getattr(args, "device", None) not in (None, "cpu"):
+        raise ValueError(f"--device {args.device} applies to --replay only: `specee bench` on a model directory "
+                         "decodes on the CPU. Use --replay TRACE --shape ... for GPU timings.")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()

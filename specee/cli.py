@@ -125,7 +125,8 @@ def build_parser():
                     "smollm2-135m, tiny (default: llama2-7b)")
     rp.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                     help="default: the shape's (bf16 for the 7B+ shapes)")
-    rp.add_argument("--device", default=None, help="default: cuda when available")
+    rp.add_argument("--device", default=None, help="default: cuda when available (--replay only; `specee bench` on "
+                    "the default model or --model decodes on the CPU)")
     rp.add_argument("--schedules", nargs="+", default=["planned", "exit", "all"], choices=("planned", "exit", "all"),
                     help="how the engine learns of the exit: planned depth, one test at the exit, a test at every "
                     "layer where the trace exits (early_exit mode's cost)")

@@ -44,6 +44,11 @@ class SpecConfig:
         Draft depths the adaptive controller may pick (default: 1/4, 1/3, 1/2, 2/3 of the stack).
     head_cost_layers : float or None
         LM-head cost in layer units for the controller (default: from parameter counts).
+    verify_cost : float or None
+        Cost of a pass over a round's K+1 positions per row relative to a one-position pass, for the
+        controller. None: 1.0 on CUDA (decoding is memory-bound: more positions read the same weights) and
+        ``CPU_VERIFY_COST`` on the CPU, where a matrix product over 2 to 5 rows costs about twice a
+        matrix-vector one (bench/results/spans_cpu.json); there drafts must be accepted far more often to pay.
     draft_vocab : int, sequence of int or None
         FR-Spec's reduced draft head (Zhao et al. 2025, arXiv 2502.14856): drafts are scored over
         these token ids only (an int n means ids 0..n-1, which BPE tokenizers order roughly by merge
@@ -56,6 +61,7 @@ class SpecConfig:
     draft_stop: float = 0.0
     candidates: list | None = None
     head_cost_layers: float | None = None
+    verify_cost: float | None = None
     adaptive_k: bool = True
     draft_vocab: object = None
     stats: dict = field(default_factory=dict)
@@ -81,6 +87,9 @@ class SpecConfig:
             raise ValueError(f"num_draft must be >= 1, got {cfg.num_draft}.")
         if not 0.0 <= cfg.draft_stop <= 1.0:
             raise ValueError(f"draft_stop {cfg.draft_stop} is outside [0, 1].")
+        if cfg.verify_cost is not None and not cfg.verify_cost >= 1.0:
+            raise ValueError(f"verify_cost must be >= 1 (a pass over several positions costs at least one over "
+                             f"one), got {cfg.verify_cost}.")
         return cfg
 
 
@@ -88,17 +97,18 @@ class DraftController:
     """Chooses (e, K) per round to maximise tokens per unit of cost (DEL's objective).
 
     Per draft depth e, the per-token acceptance a_e is an exponential moving average of what
-    verification saw. A round with K drafts costs (K+1)·e + K·h (drafting) + (L-e) + h (one verify
-    pass; decoding is memory-bound, so K+1 positions cost about one) layer units and yields
-    (1 - a^(K+1)) / (1 - a) tokens in expectation. Plain decoding (L + h per token) is the fallback.
+    verification saw. A round with K drafts costs (K+1)·e + K·h (drafting) + v·((L-e) + h) (one verify
+    pass over K+1 positions; v = ``verify_cost``: about 1 where decoding is memory-bound) layer units
+    and yields (1 - a^(K+1)) / (1 - a) tokens in expectation. Plain decoding (L + h per token) is the fallback.
     While it wins, the best draft depth is probed again after ``probe`` rounds, an interval that
     doubles after every probe that does not pay, so a hopeless model costs a few probes in all.
     """
 
-    def __init__(self, num_layers, cfg: SpecConfig, head_cost, draft_head_cost=None):
+    def __init__(self, num_layers, cfg: SpecConfig, head_cost, draft_head_cost=None, verify_cost=None):
         L = num_layers
         self.L, self.h, self.cfg = L, head_cost, cfg
         self.hd = head_cost if draft_head_cost is None else draft_head_cost
+        self.v = next(v for v in (verify_cost, cfg.verify_cost, 1.0) if v is not None)
         if cfg.exit_layer is not None:
             self.candidates = [cfg.exit_layer]
         else:
@@ -110,7 +120,7 @@ class DraftController:
 
     def expected_cost(self, e, k, a):
         tokens = k + 1 if a >= 1 else (1 - a ** (k + 1)) / (1 - a)
-        return ((k + 1) * e + k * self.hd + (self.L - e) + self.h) / tokens
+        return ((k + 1) * e + k * self.hd + self.v * (self.L - e + self.h)) / tokens
 
     def choose(self):
         """(e, K); K = 0 means a plain full-depth step."""
@@ -153,6 +163,9 @@ def host_stopper(criteria):
     return lambda length, token: token in eos or (max_len is not None and length >= max_len)
 
 
+CPU_VERIFY_COST = 2.0  # 2 and 5 query positions cost 1.8x and 2.0x one on the CPU (bench/bench_spans.py --queries)
+
+
 def _head_cost_layers(adapter):
     s = adapter.shape
     attn = s.hidden_size * (2 * s.num_heads + 2 * s.num_kv_heads) * s.head_dim
@@ -180,7 +193,10 @@ class SelfSpeculativeDecoder:
             self.draft_ids = ids.to(weight.device)
             self.draft_head = weight[self.draft_ids].contiguous()
         hd = h * (len(self.draft_ids) / V if self.draft_ids is not None else 1.0)
-        self.controller = DraftController(self.adapter.num_layers, self.cfg, h, hd)
+        v = self.cfg.verify_cost
+        if v is None:
+            v = 1.0 if self.adapter.device.type == "cuda" else CPU_VERIFY_COST
+        self.controller = DraftController(self.adapter.num_layers, self.cfg, h, hd, v)
 
     def _draft_logits(self, hidden):
         """Draft logits [B, V] at the exit layer: the full head, or FR-Spec's subset with -inf elsewhere."""

@@ -1,8 +1,36 @@
 """Shared fixtures: tiny random Llama-family models (2-4 layers) that decode in milliseconds on a CPU."""
+import os
+
 import pytest
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
+
+
+def _fix_triton_interpreter_index():
+    """Triton 3.6's interpreter turns a scalar kernel argument into a shape-[1] numpy array and gives tensors
+    `__index__ = int(data)`, which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted to Python
+    scalars"), so `range(0, d, BLOCK)` in a kernel fails (triton-lang/triton#9171, fixed by #9172 with `.squeeze()`;
+    Triton 3.9 has it, torch 2.11 pins 3.6). Tests only: the interpreter is how CI runs the Triton kernels."""
+    import inspect
+
+    try:
+        from triton.runtime import interpreter
+        original = interpreter._patch_lang_tensor
+        if "squeeze()" in inspect.getsource(original):
+            return  # this Triton has the fix
+    except (ImportError, AttributeError, OSError, TypeError):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _fix_triton_interpreter_index()
 
 PAD, EOS, BOS = 0, 1, 2
 _COMMON = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,

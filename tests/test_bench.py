@@ -36,6 +36,12 @@ def test_specee_bench_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "oracle" in capsys.readouterr().out
 
 
+def test_device_without_replay_is_refused(tiny_model_dir, capsys):
+    """`specee bench` on a model directory decodes on the CPU: a --device it would ignore is an error, not a lie."""
+    assert cli.main(["bench", "--model", tiny_model_dir, "--device", "cuda", "--max-new-tokens", "2"]) == 2
+    assert "--device cuda applies to --replay only" in capsys.readouterr().err
+
+
 def test_missing_peers_are_skipped_with_a_reason(tiny_model_dir, tmp_path, capsys):
     prompts = tmp_path / "p.jsonl"
     prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')

@@ -78,7 +78,7 @@ CASES = [
     ("early_exit", "scheduled"),
     ("early_exit", "scheduled-skip"),
     ("self_speculative", dict(exit_layer=2, num_draft=3, adaptive_k=False)),
-    ("self_speculative", None),
+    ("self_speculative", dict(verify_cost=1.0)),  # adaptive e and K, priced as on a GPU: drafts from round one
 ]
 
 

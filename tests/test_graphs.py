@@ -128,7 +128,7 @@ def test_cli_cuda_graphs(tiny_model_dir, capsys):
     assert "move it to a GPU" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md C5)")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md C4)")
 @pytest.mark.parametrize("mode,cfg", [("full", None), ("early_exit", "scripted"), ("confidence", dict(thresholds=0.1)),
                                       ("self_speculative", None)])
 def test_cuda_graphs_match_compiled(mode, cfg):

@@ -27,7 +27,8 @@ def damped(family="llama", from_layer=1, scale=0.1, **kw):
     dict(exit_layer=2, num_draft=4, adaptive_k=False),
     dict(exit_layer=3, num_draft=8, adaptive_k=False),   # e = L - 1
     dict(exit_layer=1, num_draft=4, draft_stop=0.5),     # Kangaroo's double exit
-    None,                                                # adaptive e and K
+    None,                                                # adaptive e and K (priced for this CPU: few drafts)
+    dict(verify_cost=1.0),                               # adaptive, priced as on a GPU: drafts from round one
 ])
 def test_greedy_equals_model_generate(family, lengths, cfg):
     model = damped(family)
@@ -36,7 +37,7 @@ def test_greedy_equals_model_generate(family, lengths, cfg):
     out = specee.generate(model, ids, mask, mode="self_speculative", exit_config=cfg, max_new_tokens=24,
                           do_sample=False, return_dict_in_generate=True)
     assert torch.equal(out.sequences, ref)
-    if cfg is not None and cfg.get("exit_layer") == 1 and not cfg.get("draft_stop"):
+    if cfg is not None and cfg.get("exit_layer", 1) == 1 and not cfg.get("draft_stop"):
         hist = out.stats["accepted_histogram"]
         assert sum(hist[1:]) > 0, "drafts get accepted (rejections: see the rollback test)"
 
@@ -220,11 +221,26 @@ def test_controller_prefers_drafting_when_acceptance_is_high_and_falls_back_when
     assert math.isclose(ctl.expected_cost(15, 1, 0.0), 2 * 15 + 4.5 + 15 + 4.5)
 
 
+def test_controller_prices_the_verification_pass_by_its_positions(tiny_llama):
+    """Where K+1 positions cost more than one (a CPU), drafting must be accepted more often to pay."""
+    free, dear = (DraftController(30, SpecConfig(), head_cost=4.5, verify_cost=v) for v in (1.0, 2.0))
+    assert math.isclose(dear.expected_cost(15, 1, 0.0), 2 * 15 + 4.5 + 2 * (15 + 4.5))
+    assert free.choose()[1] > 0 and dear.choose() == (30, 0), "the 0.5 prior pays only where verifying is free"
+    for ctl in (free, dear):
+        for e in ctl.candidates:
+            ctl.accept[e] = 0.97
+    assert dear.choose()[1] >= 3, "high acceptance pays even for a dear verification"
+    cpu = SelfSpeculativeDecoder(tiny_llama).controller
+    assert cpu.v == specee.speculative.CPU_VERIFY_COST
+    assert SelfSpeculativeDecoder(tiny_llama, dict(verify_cost=1.0)).controller.v == 1.0
+
+
 @pytest.mark.parametrize("cfg, match", [
     (dict(exit_layer=0), "exit_layer must lie"),
     (dict(exit_layer=4), "exit_layer must lie"),
     (dict(num_draft=0), "num_draft"),
     (dict(draft_stop=2.0), "outside"),
+    (dict(verify_cost=0.5), "verify_cost must be >= 1"),
     (dict(speed=3), "unknown self_speculative options"),
 ])
 def test_bad_speculative_options(tiny_llama, cfg, match):
