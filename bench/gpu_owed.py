@@ -1,8 +1,8 @@
 """Pay bench/GPU_OWED.md in as few device calls as possible: its checks in priority order, within a time budget.
 
-    python bench/gpu_owed.py --out "$OUT"                   # every owed check, most valuable first
-    python bench/gpu_owed.py --out "$OUT" C11 C8 C3         # these, in this order
-    python bench/gpu_owed.py --list                         # the plan: ids, commands, time limits
+    python3 bench/gpu_owed.py --out "$OUT"                  # every owed check, most valuable first
+    python3 bench/gpu_owed.py --out "$OUT" C11 C8 C3        # these, in this order
+    python3 bench/gpu_owed.py --list                        # the plan: ids, commands, time limits
 
 A lent machine starts bare, is given back 30 s after a call and allows 10 minutes per call, so each call builds
 specee and runs what fits. The checks come from GPU_OWED.md itself: a row's command is the first code span of
@@ -25,7 +25,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -96,13 +98,25 @@ def _tail(path: Path, start: int, n: int = 3000) -> str:
     return text
 
 
+def command_env() -> dict:
+    """The rows say ``python``, ``pip`` and ``specee``; the GPU machine's torch lives in a venv whose interpreter is
+    ``python3`` and whose bin may not be on PATH. Make all three mean this interpreter's."""
+    shims = Path(tempfile.gettempdir()) / "gpu_owed_bin"
+    shims.mkdir(exist_ok=True)
+    for name, line in (("python", f'exec "{sys.executable}" "$@"'), ("pip", f'exec "{sys.executable}" -m pip "$@"')):
+        (shims / name).write_text(f"#!/bin/sh\n{line}\n")
+        (shims / name).chmod(0o755)
+    path = os.pathsep.join([str(shims), sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
+
+
 def run_check(command: str, limit: float, log: Path) -> dict:
     """Run ``command`` in bash from the repository root, its output appended to ``log``; on timeout its whole
     process group is killed (pipelines included)."""
     t, start = time.perf_counter(), log.stat().st_size
     with open(log, "ab") as f:
         p = subprocess.Popen(["bash", "-c", command], cwd=REPO, stdout=f, stderr=subprocess.STDOUT,
-                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                             start_new_session=True, env=command_env())
         try:
             rc, status = p.wait(timeout=limit), "ran"
         except subprocess.TimeoutExpired:
@@ -138,7 +152,7 @@ def setup(out: Path, log: Path, budget: float, say) -> dict | None:
     if state == "no GPU":
         return None
     if state == "built":
-        if shutil.which("specee"):
+        if shutil.which("specee", path=command_env()["PATH"]):
             return None
         say(f"\n===== register the carried extension =====\n$ {REGISTER}\n")
         return run_check(REGISTER, budget, log)

@@ -1,6 +1,7 @@
 """bench/gpu_owed.py: the runner that pays bench/GPU_OWED.md on a lent GPU, exercised on the CPU with stand-in rows."""
 import importlib.util
 import json
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -44,6 +45,7 @@ FAKE = """# owed
 | A6 | an inline script | the script below | - | owed |
 | A7 | already paid | `echo again` | - | done 2026-01-01 H100: fine |
 | A8 | writes a result | `echo '{}' > bench/results/_gpu_owed_test.json` | - | owed |
+| A9 | finds this interpreter as python | `python -c "import sys; print(sys.executable)"; pip --version` | - | owed |
 
 Script for A6 (from the root):
 
@@ -69,13 +71,14 @@ def test_runner_runs_what_is_owed_and_reports_each_check(owed, tmp_path, monkeyp
             archived = tar.getnames()
     finally:
         result.unlink(missing_ok=True)
-    assert doc["plan"] == ["A6", "A3", "A1", "A2", "A8"], "PLAN's order, then unlisted owed rows; done/manual/alias out"
+    assert doc["plan"] == ["A6", "A3", "A1", "A2", "A8", "A9"], "PLAN's order, then unlisted owed rows; done/manual/alias out"
     c = doc["checks"]
     assert c["A6"]["rc"] == 0 and "script 42" in c["A6"]["tail"]
     assert c["A3"]["status"] == "timeout" and c["A3"]["rc"] is None
     assert c["A1"]["rc"] == 0 and "HELLO" in c["A1"]["tail"] and c["A1"]["pays"] == ["A1", "A4"]
     assert c["A2"]["status"] == "ran" and c["A2"]["rc"] == 3 and "broken" in c["A2"]["tail"]
     assert "torch" in doc["meta"] and "commit" in doc["meta"]
+    assert sys.executable in c["A9"]["tail"] and "pip " in c["A9"]["tail"]
     assert "bench/results/_gpu_owed_test.json" in archived
     log = (tmp_path / "out" / "gpu_owed.log").read_text()
     assert log.index("===== A6") < log.index("script 42") < log.index("===== A3") < log.index("HELLO")
@@ -121,9 +124,9 @@ def test_setup_builds_once_and_hands_the_extension_back(owed, tmp_path, monkeypa
     assert res["rc"] == 0 and (out / "_C.cpython-312-x86_64-linux-gnu.so").exists()
     assert "build (no CUDA kernels)" in said[0] and "compiling" in log.read_text()
     monkeypatch.setattr(owed, "extension_state", lambda: "built")
-    monkeypatch.setattr(owed.shutil, "which", lambda name: None)
+    monkeypatch.setattr(owed.shutil, "which", lambda name, path=None: None)
     assert owed.setup(out, log, 30, said.append)["rc"] == 0 and "registered" in log.read_text()
-    monkeypatch.setattr(owed.shutil, "which", lambda name: "/usr/bin/specee")
+    monkeypatch.setattr(owed.shutil, "which", lambda name, path=None: "/usr/bin/specee")
     assert owed.setup(out, log, 30, said.append) is None
     monkeypatch.setattr(owed, "extension_state", lambda: "no GPU")
     assert owed.setup(out, log, 30, said.append) is None
