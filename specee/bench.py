@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.generation.streamers import BaseStreamer
 
+from .demo import synchronize
 from .generate import generate
 from .policies import MODES
 from .models import DecoderAdapter
@@ -226,6 +227,7 @@ def make_peers(model, tokenizer, names, max_cache_len, default_model=True):
 def _decode(model, ids, mask, method, cfg, n, stream, peer=None, compile=None):
     streamer = TimingStreamer(ids.shape[0]) if stream else None
     kw = dict(max_new_tokens=n, do_sample=False, streamer=streamer)
+    synchronize(ids.device)
     t0 = time.perf_counter()
     if method == "llama_cpp":
         if streamer is not None:
@@ -248,6 +250,7 @@ def _decode(model, ids, mask, method, cfg, n, stream, peer=None, compile=None):
         out = generate(model, ids, mask, mode=method, exit_config=cfg, return_dict_in_generate=True, compile=compile,
                        **kw)
         seq, exits = out.sequences, out.exit_layers
+    synchronize(ids.device)
     return seq, exits, t0, time.perf_counter() - t0, streamer
 
 
@@ -271,13 +274,11 @@ def head_cost_ms(model, reps=30):
     h = torch.randn(1, 1, a.shape.hidden_size, device=a.device, dtype=a.dtype)
     for _ in range(3):
         a.logits(h)
-    if h.is_cuda:
-        torch.cuda.synchronize()
+    synchronize(h.device)
     t = time.perf_counter()
     for _ in range(reps):
         a.logits(h)
-    if h.is_cuda:
-        torch.cuda.synchronize()
+    synchronize(h.device)
     return (time.perf_counter() - t) / reps * 1e3
 
 
@@ -289,7 +290,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     warm-up then compiles every graph for every batch size, and its seconds are reported apart."""
     from tqdm.auto import tqdm
 
-    L = model.config.num_hidden_layers
+    L, dev = model.config.num_hidden_layers, next(model.parameters()).device
     methods = ["hf"] + [m for m in ("full", *modes) if m not in ("hf",)]
     methods = list(dict.fromkeys(methods))
     configs = {m: (exit_configs or {}).get(m, DEFAULT_CONFIGS[m](L) if m in DEFAULT_CONFIGS else None)
@@ -298,7 +299,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     peer_fns, skipped = make_peers(model, tokenizer, list(peers), -(-(longest + max_new_tokens + 8) // 64) * 64,
                                    default_model)
     methods += list(peer_fns)
-    ids, mask = encode(tokenizer, [prompts[0].text])
+    ids, mask = encode(tokenizer, [prompts[0].text], device=dev)
     for m in methods:  # warm-up, not timed
         if m != "hf_compile":
             _decode(model, ids, mask, m, configs.get(m), 4, False, peer_fns.get(m), compile)
@@ -316,13 +317,13 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
         stats = {m: MethodStats() for m in methods}
         groups = list(batches(prompts, bs))
         if "hf_compile" in peer_fns:  # compiles for this batch size (minutes on a CPU); timed apart
-            w_ids, w_mask = encode(tokenizer, [p.text for p in groups[0]])
+            w_ids, w_mask = encode(tokenizer, [p.text for p in groups[0]], device=dev)
             t = time.perf_counter()
             _decode(model, w_ids, w_mask, "hf_compile", None, 4, False, peer_fns["hf_compile"])
             _decode(model, w_ids, w_mask, "hf_compile", None, 4, False, peer_fns["hf_compile"])
             peer_info.setdefault("hf_compile", {})[f"warmup_s_batch_{bs}"] = time.perf_counter() - t
         for group in tqdm(groups, desc=f"specee bench (batch {bs})", disable=not progress):
-            ids, mask = encode(tokenizer, [p.text for p in group])
+            ids, mask = encode(tokenizer, [p.text for p in group], device=dev)
             P = ids.shape[1]
             rows = {}
             for m in methods:
@@ -458,20 +459,17 @@ def main_bench(args):
     """`specee bench`: run, write <out>/bench.json and plots, print a summary table."""
     import json
 
-    from .demo import load_model
+    from .demo import load_model_from_args
     from .prompts import load_prompts
 
     if getattr(args, "replay", None):
         from .replay import main_replay
 
         return main_replay(args)
-    if getattr(args, "device", None) not in (None, "cpu"):
-        raise ValueError(f"--device {args.device} applies to --replay only: `specee bench` on a model directory "
-                         "decodes on the CPU. Use --replay TRACE --shape ... for GPU timings.")
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    model, tok = load_model(args.model)
+    model, tok = load_model_from_args(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
     doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
                     max_new_tokens=args.max_new_tokens, peers=getattr(args, "peers", None) or (),

@@ -22,10 +22,17 @@ def _add_decode_args(p, default_mode):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    _add_device_args(p, "cpu")
     p.add_argument("--compile", nargs="?", const=True, default=False, metavar="BACKEND",
                    help="decode through compiled code (torch.compile, inductor; or the dynamo BACKEND named: "
                    "aot_eager, eager); the first run compiles, its time is printed apart")
     _add_graphs_arg(p)
+
+
+def _add_device_args(p, default_device):
+    p.add_argument("--device", default=None, help=f"where the model decodes, e.g. cuda, cuda:1 (default: {default_device})")
+    p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
+                   help="cast the model's weights (default: as loaded; the default model is float32)")
 
 
 def _add_graphs_arg(p):
@@ -111,6 +118,7 @@ def build_parser():
                     help="run specee's modes (and --replay) compiled (torch.compile; or the dynamo BACKEND named); "
                     "the warm-up compiles every graph, its seconds are reported apart")
     _add_graphs_arg(be)
+    _add_device_args(be, "cpu; with --replay: cuda when available, and the shape's dtype (bf16 for 7B+)")
     be.add_argument("--peers", nargs="*", default=[], choices=("llama_cpp", "hf_compile"),
                     help="also measure the peers a user would otherwise pick, in the same run: llama_cpp "
                     "(llama-cpp-python on the default model's GGUF, same thread count), hf_compile (HF generate, "
@@ -123,10 +131,6 @@ def build_parser():
                     "distribution: 66%% exit, mean 25.3 of 32); rescaled to the shape's layer count")
     rp.add_argument("--shape", default="llama2-7b", help="model shape: llama2-7b, llama2-13b, llama3-8b, "
                     "smollm2-135m, tiny (default: llama2-7b)")
-    rp.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
-                    help="default: the shape's (bf16 for the 7B+ shapes)")
-    rp.add_argument("--device", default=None, help="default: cuda when available (--replay only; `specee bench` on "
-                    "the default model or --model decodes on the CPU)")
     rp.add_argument("--schedules", nargs="+", default=["planned", "exit", "all"], choices=("planned", "exit", "all"),
                     help="how the engine learns of the exit: planned depth, one test at the exit, a test at every "
                     "layer where the trace exits (early_exit mode's cost)")

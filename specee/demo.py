@@ -9,16 +9,40 @@ from .generate import generate
 from .prompts import encode, load_prompts, new_tokens
 
 
-def load_model(name=None):
+def resolve_device(device=None) -> torch.device:
+    """The --device to decode on (default: the CPU), refused with the fix when torch cannot reach it."""
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch ({torch.__version__}) sees no CUDA device; install a CUDA "
+                         "build of torch on a machine with a GPU, or drop --device to decode on the CPU.")
+    return dev
+
+
+def load_model(name=None, device=None, dtype=None):
+    """(model, tokenizer): the default model or a checkpoint directory, on ``device`` (default: the CPU), its weights
+    cast to ``dtype`` (a torch dtype or its name) when given."""
+    dev = resolve_device(device)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     if name is None:
         from .default_model import load_default_model
 
-        return load_default_model()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+        model, tokenizer = load_default_model()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
-    return model, tokenizer
+        tokenizer = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="sdpa").eval()
+    return model.to(device=dev, dtype=dtype), tokenizer
+
+
+def load_model_from_args(args):
+    return load_model(args.model, getattr(args, "device", None), getattr(args, "dtype", None))
+
+
+def synchronize(device):
+    """Wait for the device's queued work, so a host timer measures it."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def exit_config_from_args(args, num_layers, model=None):
@@ -57,23 +81,26 @@ def _sampling(args):
     return dict(do_sample=True, temperature=args.temperature, top_p=args.top_p)
 
 
-def _timed(model, ids, mask, mode, cfg, args):
+def _timed(model, ids, mask, mode, cfg, args, streamer=None):
     torch.manual_seed(args.seed)
+    synchronize(ids.device)
     t = time.perf_counter()
     out = generate(model, ids, mask, mode=mode, exit_config=cfg if mode != "full" else None,
-                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, compile=_compile(args),
-                   **_sampling(args))
+                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer,
+                   compile=_compile(args), **_sampling(args))
+    synchronize(ids.device)
     return out, time.perf_counter() - t
 
 
 def run_demo(args):
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
+    model, tok = load_model_from_args(args)
+    dev = model.device
     L = model.config.num_hidden_layers
     cfg = exit_config_from_args(args, L, model)
     prompts = load_prompts(args.prompts, args.num_prompts)
-    ids, mask = encode(tok, [prompts[0].text])
+    ids, mask = encode(tok, [prompts[0].text], device=dev)
     generate(model, ids, mask, max_new_tokens=4)  # warm-up, not timed
     if _compile(args):
         _warmup(model, ("full", args.mode), cfg, _compile(args))
@@ -81,7 +108,7 @@ def run_demo(args):
     exit_sum = exit_count = agree = compared = 0
     print(f"specee demo: {type(model).__name__}, {L} layers, mode={args.mode}, exit_config={cfg}\n")
     for p in prompts:
-        ids, mask = encode(tok, [p.text])
+        ids, mask = encode(tok, [p.text], device=dev)
         P = ids.shape[1]
         ref, t_full = _timed(model, ids, mask, "full", cfg, args)
         out, t_mode = _timed(model, ids, mask, args.mode, cfg, args)
@@ -112,22 +139,13 @@ def run_generate(args):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    ids, mask = encode(tok, [args.prompt], chat=not args.no_chat)
+    model, tok = load_model_from_args(args)
+    ids, mask = encode(tok, [args.prompt], device=model.device, chat=not args.no_chat)
     cfg = exit_config_from_args(args, model.config.num_hidden_layers, model)
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     if _compile(args):
         _warmup(model, (args.mode,), cfg, _compile(args))
-    out, dt = _timed_stream(model, ids, mask, args, cfg, streamer)
+    out, dt = _timed(model, ids, mask, args.mode, cfg, args, streamer)
     n = len(new_tokens(out.sequences, ids.shape[1], tok.eos_token_id)[0])
     print(f"\n[{n} tokens in {dt:.2f} s, {n / dt:.1f} tok/s, mean exit layer "
           f"{out.exit_layers[0, :n].float().mean():.1f}/{model.config.num_hidden_layers}]")
-
-
-def _timed_stream(model, ids, mask, args, cfg, streamer):
-    torch.manual_seed(args.seed)
-    t = time.perf_counter()
-    out = generate(model, ids, mask, mode=args.mode, exit_config=cfg if args.mode != "full" else None,
-                   max_new_tokens=args.max_new_tokens, return_dict_in_generate=True, streamer=streamer,
-                   compile=_compile(args), **_sampling(args))
-    return out, time.perf_counter() - t

@@ -36,10 +36,35 @@ def test_specee_bench_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "oracle" in capsys.readouterr().out
 
 
-def test_device_without_replay_is_refused(tiny_model_dir, capsys):
-    """`specee bench` on a model directory decodes on the CPU: a --device it would ignore is an error, not a lie."""
-    assert cli.main(["bench", "--model", tiny_model_dir, "--device", "cuda", "--max-new-tokens", "2"]) == 2
-    assert "--device cuda applies to --replay only" in capsys.readouterr().err
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
+@pytest.mark.parametrize("command", ["bench", "generate", "demo"])
+def test_device_without_cuda_is_refused_with_the_fix(tiny_model_dir, command, capsys):
+    args = ["--prompt", "w1"] if command == "generate" else []
+    assert cli.main([command, "--model", tiny_model_dir, "--device", "cuda", "--max-new-tokens", "2", *args]) == 2
+    assert "sees no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md E4)"))])
+def test_cli_decodes_on_the_device_and_dtype_asked(tiny_model_dir, tmp_path, device, capsys):
+    """--device/--dtype move the model (and the prompts) for generate, demo and bench; full stays exact there."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')
+    common = ["--model", tiny_model_dir, "--device", device, "--dtype", "bfloat16", "--max-new-tokens", "4"]
+    assert cli.main(["generate", *common, "--prompt", "w1 w2", "--no-chat", "--mode", "skipdecode"]) == 0
+    assert cli.main(["demo", *common, "--prompts", str(prompts), "--mode", "confidence"]) == 0
+    from specee.demo import load_model
+
+    model = load_model(tiny_model_dir, device, "bfloat16")[0]
+    assert model.dtype == torch.bfloat16 and model.device.type == device
+    out = tmp_path / "out"
+    fp32 = [a if a != "bfloat16" else "float32" for a in common]
+    assert cli.main(["bench", *fp32, "--prompts", str(prompts), "--modes", "full", "--out", str(out)]) == 0
+    doc = json.loads((out / "bench.json").read_text())
+    assert doc["results"]["batch_1"]["hf"]["token_agreement"] == 1.0, "full equals HF generate on the device"
+    if device == "cuda":
+        assert "CPU" not in doc["meta"]["device"]
+        assert cli.main(["generate", *common, "--prompt", "w1 w2", "--no-chat", "--cuda-graphs"]) == 0
 
 
 def test_missing_peers_are_skipped_with_a_reason(tiny_model_dir, tmp_path, capsys):
