@@ -49,6 +49,19 @@ def _compile_option(args):
     return dict(backend=backend if isinstance(backend, str) else "inductor", graphs=True)
 
 
+def _graphs_without_cuda(args):
+    """Why --cuda-graphs cannot run where this command decodes, or None."""
+    if not getattr(args, "cuda_graphs", False):
+        return None
+    import torch
+
+    device = args.device or ("cuda" if getattr(args, "replay", None) and torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda":
+        return None
+    return (f"--cuda-graphs records CUDA graphs, but this run decodes on {device}: add --device cuda (on a machine "
+            "with a GPU) or drop --cuda-graphs.")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="specee", description="Early-exit decoding for Llama-family models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +158,10 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    why = _graphs_without_cuda(args)
+    if why:
+        print(f"specee {args.command}: error: {why}", file=sys.stderr)
+        return 2
     if hasattr(args, "compile"):
         args.compile = _compile_option(args)
     from . import demo

@@ -125,7 +125,10 @@ def test_cli_cuda_graphs(tiny_model_dir, capsys):
     assert cli._compile_option(args) == dict(backend="inductor", graphs=True)
     assert cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1 w2", "--no-chat", "--max-new-tokens", "3",
                      "--cuda-graphs"]) == 2
-    assert "move it to a GPU" in capsys.readouterr().err
+    assert "add --device cuda" in capsys.readouterr().err  # generate decodes on the CPU unless told otherwise
+    if not torch.cuda.is_available():  # --replay defaults to cuda only where there is one
+        assert cli.main(["bench", "--replay", "specee_synthetic", "--shape", "tiny", "--cuda-graphs"]) == 2
+        assert "decodes on cpu: add --device cuda" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (bench/GPU_OWED.md C4)")
