@@ -30,7 +30,8 @@ def _add_decode_args(p, default_mode):
 
 
 def _add_device_args(p, default_device):
-    p.add_argument("--device", default=None, help=f"where the model decodes, e.g. cuda, cuda:1 (default: {default_device})")
+    p.add_argument("--device", default=None,
+                   help=f"where the model decodes, e.g. cuda, cuda:1 (default: {default_device})")
     p.add_argument("--dtype", default=None, choices=("bfloat16", "float16", "float32"),
                    help="cast the model's weights (default: as loaded; the default model is float32)")
 

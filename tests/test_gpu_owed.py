@@ -71,7 +71,8 @@ def test_runner_runs_what_is_owed_and_reports_each_check(owed, tmp_path, monkeyp
             archived = tar.getnames()
     finally:
         result.unlink(missing_ok=True)
-    assert doc["plan"] == ["A6", "A3", "A1", "A2", "A8", "A9"], "PLAN's order, then unlisted owed rows; done/manual/alias out"
+    assert doc["plan"] == ["A6", "A3", "A1", "A2", "A8", "A9"], \
+        "PLAN's order, then unlisted owed rows; done, manual and alias rows left out"
     c = doc["checks"]
     assert c["A6"]["rc"] == 0 and "script 42" in c["A6"]["tail"]
     assert c["A3"]["status"] == "timeout" and c["A3"]["rc"] is None
