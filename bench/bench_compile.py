@@ -40,7 +40,7 @@ from gptfast_loop import GptFastDecoder  # noqa: E402
 
 import specee  # noqa: E402
 from specee import compiled  # noqa: E402
-from specee.bench import DEFAULT_CONFIGS, hf_static_compiled, oracle_exits  # noqa: E402
+from specee.bench import DEFAULT_CONFIGS, hf_static_compiled, oracle_exits, synchronize  # noqa: E402
 from specee.prompts import encode, new_tokens  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def methods(model, modes, max_cache_len, graphs=False, cpp_wrapper=False):
 
 def run(model, ids, mask, how, n):
     kind, what = how
-    _sync(ids.device)
+    synchronize(ids.device)
     t = time.perf_counter()
     if kind == "hf":
         seq, exits = what(ids, attention_mask=mask, max_new_tokens=n, do_sample=False), None
@@ -78,13 +78,8 @@ def run(model, ids, mask, how, n):
     else:
         out = specee.generate(model, ids, mask, max_new_tokens=n, do_sample=False, return_dict_in_generate=True, **what)
         seq, exits = out.sequences, out.exit_layers
-    _sync(ids.device)
+    synchronize(ids.device)
     return seq, exits, time.perf_counter() - t
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(device, nbytes=1 << 30, reps=10):
@@ -92,11 +87,11 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=10):
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)
-    _sync(src.device)
+    synchronize(src.device)
     t = time.perf_counter()
     for _ in range(reps):
         dst.copy_(src)
-    _sync(src.device)
+    synchronize(src.device)
     return nbytes * reps / (time.perf_counter() - t)
 
 

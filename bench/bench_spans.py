@@ -33,11 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_json  # noqa: E402
 
 from specee import compiled  # noqa: E402
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+from specee.bench import synchronize  # noqa: E402
 
 
 @torch.no_grad()
@@ -68,11 +64,11 @@ def time_step(adapter, batch, queries, context, reps):
     ms = {name: [] for name in ways}
     for _ in range(reps):  # interleaved; the median is kept
         for name, fn in ways.items():
-            _sync(a.device)
+            synchronize(a.device)
             t = time.perf_counter()
             for _ in range(10):
                 fn()
-            _sync(a.device)
+            synchronize(a.device)
             ms[name].append((time.perf_counter() - t) / 10 * 1e3)
     ms = {name: statistics.median(v) for name, v in ms.items()}
     if "whole" in ms:

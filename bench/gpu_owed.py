@@ -18,6 +18,7 @@ the exit code only says whether the command ran to its end.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import re
@@ -98,6 +99,7 @@ def _tail(path: Path, start: int, n: int = 3000) -> str:
     return text
 
 
+@functools.cache
 def command_env() -> dict:
     """The rows say ``python``, ``pip`` and ``specee``; the GPU machine's torch lives in a venv whose interpreter is
     ``python3`` and whose bin may not be on PATH. Make all three mean this interpreter's."""

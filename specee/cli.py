@@ -54,10 +54,10 @@ def _graphs_without_cuda(args):
     """Why --cuda-graphs cannot run where this command decodes, or None."""
     if not getattr(args, "cuda_graphs", False):
         return None
-    import torch
+    from .replay import default_device
 
-    device = args.device or ("cuda" if getattr(args, "replay", None) and torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cuda":
+    device = default_device(args.device) if getattr(args, "replay", None) else args.device or "cpu"
+    if str(device).startswith("cuda"):
         return None
     return (f"--cuda-graphs records CUDA graphs, but this run decodes on {device}: add --device cuda (on a machine "
             "with a GPU) or drop --cuda-graphs.")

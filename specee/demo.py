@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from .bench import synchronize
 from .generate import generate
 from .prompts import encode, load_prompts, new_tokens
 
@@ -37,12 +38,6 @@ def load_model(name=None, device=None, dtype=None):
 
 def load_model_from_args(args):
     return load_model(args.model, getattr(args, "device", None), getattr(args, "dtype", None))
-
-
-def synchronize(device):
-    """Wait for the device's queued work, so a host timer measures it."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def exit_config_from_args(args, num_layers, model=None):

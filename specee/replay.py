@@ -45,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from .bench import synchronize
 from .policies import ExitConfig, ExitPolicyBase, StepPlan
 
 SCHEDULES = ("planned", "exit", "all")
@@ -191,6 +192,11 @@ class TracePolicy(ExitPolicyBase):
 
 
 # ---------------------------------------------------------------------------------------------- model
+def default_device(device=None) -> torch.device:
+    """``device``, or where a replay runs by default: CUDA when torch sees a GPU, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def build_model(shape: str = "tiny", device=None, dtype=None, seed: int = 0):
     """A ``LlamaForCausalLM`` of a named shape with random weights, created directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -202,7 +208,7 @@ def build_model(shape: str = "tiny", device=None, dtype=None, seed: int = 0):
     spec.pop("dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     cfg = LlamaConfig(**spec, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=None, pad_token_id=None)
     cfg._attn_implementation = "sdpa"
@@ -220,11 +226,6 @@ def build_model(shape: str = "tiny", device=None, dtype=None, seed: int = 0):
 
 
 # ---------------------------------------------------------------------------------------------- decoding
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred", count_cuda_syncs=False,
                   compile=None, lookahead=False):
     """Greedy decode of ``ids`` [B, P] with the engine; ``policy=None`` is ``full``.
@@ -252,7 +253,7 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
 
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, custom_generate=decode)
     syncs = None
-    _sync(ids.device)
+    synchronize(ids.device)
     t0 = time.perf_counter()
     if count_cuda_syncs and ids.device.type == "cuda":
         with warnings.catch_warnings(record=True) as caught:
@@ -265,7 +266,7 @@ def replay_decode(model, ids, max_new_tokens, policy=None, kv_policy="deferred",
         syncs = sum("synchroniz" in str(w.message) for w in caught)
     else:
         model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-    _sync(ids.device)
+    synchronize(ids.device)
     return holder["res"], time.perf_counter() - t0, syncs
 
 

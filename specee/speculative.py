@@ -104,11 +104,11 @@ class DraftController:
     doubles after every probe that does not pay, so a hopeless model costs a few probes in all.
     """
 
-    def __init__(self, num_layers, cfg: SpecConfig, head_cost, draft_head_cost=None, verify_cost=None):
+    def __init__(self, num_layers, cfg: SpecConfig, head_cost, draft_head_cost=None, verify_cost=1.0):
         L = num_layers
         self.L, self.h, self.cfg = L, head_cost, cfg
         self.hd = head_cost if draft_head_cost is None else draft_head_cost
-        self.v = next(v for v in (verify_cost, cfg.verify_cost, 1.0) if v is not None)
+        self.v = verify_cost if cfg.verify_cost is None else cfg.verify_cost  # the device's default, or the user's
         if cfg.exit_layer is not None:
             self.candidates = [cfg.exit_layer]
         else:
@@ -193,9 +193,7 @@ class SelfSpeculativeDecoder:
             self.draft_ids = ids.to(weight.device)
             self.draft_head = weight[self.draft_ids].contiguous()
         hd = h * (len(self.draft_ids) / V if self.draft_ids is not None else 1.0)
-        v = self.cfg.verify_cost
-        if v is None:
-            v = 1.0 if self.adapter.device.type == "cuda" else CPU_VERIFY_COST
+        v = 1.0 if self.adapter.device.type == "cuda" else CPU_VERIFY_COST
         self.controller = DraftController(self.adapter.num_layers, self.cfg, h, hd, v)
 
     def _draft_logits(self, hidden):
