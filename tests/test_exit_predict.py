@@ -4,8 +4,8 @@ import torch
 
 from specee import ops, reference
 from tests.tolerances import score_tol
-from tests.utils import (BACKENDS, DTYPES, NoHostSync, assert_close, assert_equal, impl_or_skip, interpreted,
-                         maybe_compile)
+from tests.utils import (BACKENDS, DTYPES, KERNEL_BACKENDS, NoHostSync, assert_close, assert_equal, impl_or_skip,
+                         interpreted, maybe_compile)
 
 OP = "exit_predict"
 EPS = 1e-6
@@ -40,7 +40,7 @@ def check(outputs, args, dtype, d):
 @pytest.mark.parametrize("d", [576, 4096])
 @pytest.mark.parametrize("B", [1, 3, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("backend", ["cpu", "triton", "cuda"])   # the reference is the expectation itself
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)   # the reference is the expectation itself
 def test_matches_reference(backend, dtype, B, d, k, H=64):
     fn, device = impl_or_skip(OP, backend)
     if interpreted(backend) and (B > 3 or d == 4096):

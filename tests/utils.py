@@ -51,6 +51,13 @@ def backend_device(backend):
 
 def impl_or_skip(op, backend):
     """The backend's callable for `op`, or skip the test when that backend is missing here."""
+    if backend == "emu":
+        from tests import cuda_emu
+        try:
+            cuda_emu.library()  # a kernel that does not compile fails the test, it is not skipped
+        except cuda_emu.EmulatorUnavailable as e:
+            pytest.skip(f"emu backend unavailable: {e}")
+        return cuda_emu.OPS[op], "cpu"
     device = backend_device(backend)
     if backend not in ops.available_backends(device, op):
         why = {"cpu": "specee._C not built", "cuda": "no CUDA device or CUDA kernels",
@@ -60,11 +67,15 @@ def impl_or_skip(op, backend):
 
 
 def interpreted(backend):
-    """True when `backend` runs in the Triton interpreter (slow: tests use small shapes)."""
+    """True when `backend` runs in the Triton interpreter (slow: tests use small shapes). The CUDA emulator
+    (`emu`) runs the default grid: it is compiled code, a block of 1024 threads takes about a millisecond."""
     return backend == "triton" and not torch.cuda.is_available()
 
 
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+# emu: the CUDA kernels' source run on the CPU by a SIMT emulator (tests/cuda_emu); cuda runs them on a GPU. Not
+# named cuda_*: the GPU checks select the real CUDA backend with `-k cuda`.
+BACKENDS = ("reference", "cpu", "triton", "cuda", "emu")
+KERNEL_BACKENDS = BACKENDS[1:]  # for tests whose expectation is the reference itself
 
 # Large cases: marked slow, and run only with SPECEE_SLOW=1 (a 128256 x 4096 head is GBs on a CPU).
 RUN_SLOW = os.environ.get("SPECEE_SLOW") == "1"
