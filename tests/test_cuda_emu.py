@@ -1,6 +1,12 @@
 """The CUDA emulator behind the op tests' `emu` backend (tests/cuda_emu): that it parses the launches, reports
 the barrier bugs CUDA would hang on, gives the warp intrinsics CUDA's results, exposes a race through the order
-threads run in, and that the op tests catch bugs planted in the real kernels' source."""
+threads run in, that bugs planted in the real kernels' source are caught, and that its AddressSanitizer build
+reports an out-of-bounds read."""
+import os
+import shutil
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -160,3 +166,29 @@ def test_planted_kernel_bug_is_caught(bug):
             except cuda_emu.LaunchError:  # a deadlock is caught too
                 caught.append(True)
     assert any(caught), f"planted bug {bug} in {op} went unnoticed"
+
+
+ASAN_LIB = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip() \
+    if shutil.which("gcc") else ""
+
+OUT_OF_BOUNDS = """
+import torch
+from tests import cuda_emu
+lib = cuda_emu.load(cuda_emu.build({"lm_head_argmax.cuh": [(
+    "const int row_end = min(V, (slice + 1) * kLmHeadRowsPerBlock);",
+    "const int row_end = (slice + 1) * kLmHeadRowsPerBlock;")]}))  # reads head rows past V
+with cuda_emu.using(lib):
+    cuda_emu.lm_head_argmax(torch.randn(2, 64), torch.randn(100, 64))
+print("no report")
+"""
+
+
+@pytest.mark.skipif(not os.path.isabs(ASAN_LIB), reason="gcc's libasan not found")
+def test_asan_build_reports_a_planted_out_of_bounds_read():
+    """SPECEE_EMU_ASAN=1 (what .ci/run adds) turns a kernel's read past a tensor into a failing process."""
+    env = dict(os.environ, SPECEE_EMU_ASAN="1", LD_PRELOAD=ASAN_LIB, ASAN_OPTIONS="detect_leaks=0",
+               PYTHONPATH=str(cuda_emu.HERE.parents[1]))
+    proc = subprocess.run([sys.executable, "-c", OUT_OF_BOUNDS], capture_output=True, text=True, env=env)
+    assert proc.returncode != 0 and "heap-buffer-overflow" in proc.stderr, (proc.returncode, proc.stdout,
+                                                                           proc.stderr[-3000:])
+    assert "LmHeadArgmaxKernel" in proc.stderr  # the report names the kernel

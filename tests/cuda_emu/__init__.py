@@ -24,6 +24,10 @@ HERE = Path(__file__).resolve().parent
 CUDA_SRC = HERE.parents[1] / "csrc" / "cuda"
 HEADERS = ("common.cuh", "exit_predict.cuh", "lm_head_argmax.cuh", "verify_greedy.cuh", "verify_sample.cuh")
 CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared")
+# SPECEE_EMU_ASAN=1: build with AddressSanitizer, so that a kernel's read or write outside a tensor is reported
+# (the run needs the runtime preloaded: LD_PRELOAD=$(gcc -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0).
+if os.environ.get("SPECEE_EMU_ASAN") == "1":
+    CXX_FLAGS += ("-fsanitize=address", "-fno-omit-frame-pointer")
 
 _LAUNCH = re.compile(r"^(?P<indent>[ \t]*)(?P<kernel>[^\n;{}]+?)<<<(?P<config>[^>]*)>>>\(", re.M)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\[\];")
