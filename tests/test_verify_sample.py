@@ -274,7 +274,7 @@ def make_case(B, K, V, dtype, with_probs, seed=0, device="cpu"):
 
 def near_boundary_rows(args):
     """Rows whose reference path passes a decision within SAMPLE_BOUNDARY_RTOL of flipping (softmax rounding
-    of other backends may flip those)."""
+    of other backends may flip those), or samples a token other than the exact-arithmetic one."""
     draft, num_draft, dprobs, logits, temperature, seed, offset = [a.cpu() if isinstance(a, torch.Tensor) else a
                                                                    for a in args]
     B, K = draft.shape

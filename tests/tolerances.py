@@ -30,6 +30,6 @@ CHI2_MIN_EXPECTED = 5.0           # bins with a smaller expected count are poole
 CHI2_MIN_P = 1e-4                 # per position j <= K
 COUNT_LAW_SIGMAS = 5.0            # each bin of the accepted-count law within 5 sigma
 SEED_REPEATS = 20                 # same (seed, offset) reproduces over 20 runs
-# Backends whose softmax is not ATen's (triton, cuda) may differ from the reference only on decisions
+# Backends whose softmax is not ATen's (triton, cuda, emu) may differ from the reference only on decisions
 # within this relative distance of a boundary (u * draft vs target, u * total vs a cdf step).
 SAMPLE_BOUNDARY_RTOL = 1e-5
