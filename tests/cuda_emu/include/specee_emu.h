@@ -107,7 +107,8 @@ enum class Wait { kNone, kBlock, kWarp };
 enum class Order { kForward = 0, kReverse = 1, kShuffle = 2 };
 
 // Context switch. x86-64: saves the callee-saved registers and swaps stacks (ucontext's swapcontext makes a
-// sigprocmask syscall per switch: the tests ran 10x slower); elsewhere ucontext.
+// sigprocmask syscall per switch: the tests ran 10x slower); elsewhere ucontext. The asm defines a global symbol:
+// one translation unit (harness.cpp) includes this header.
 #if defined(__x86_64__)
 extern "C" void specee_emu_switch(void** save_sp, void* load_sp);
 asm(R"(
