@@ -242,22 +242,33 @@ inline T FromBits(uint64_t u) {
   return v;
 }
 
-// Every lane publishes v, then reads lane src(lane) (its own value when src is out of the warp).
+// A warp collective: every lane publishes v; once all have, read(slots, lanes) computes this lane's result from
+// the warp's published values (slots[l] = lane l's bits).
+template <typename T, typename Read>
+inline T WarpCollective(T v, Read read) {
+  Fiber& f = Current();
+  Barrier& warp = WarpOf(f);
+  const uint64_t* slots = S().lanes.data() + (f.linear - f.linear % kWarp);
+  S().lanes[f.linear] = Bits(v);
+  Arrive(warp, Wait::kWarp);
+  const T r = read(slots, warp.expected);
+  Arrive(warp, Wait::kWarp);  // nobody overwrites a slot before every lane has read
+  return r;
+}
+
+// Every lane reads lane src(lane)'s value (its own when src is outside the warp).
 template <typename T, typename Src>
 inline T Exchange(T v, Src src) {
-  Fiber& f = Current();
-  const unsigned lane = f.linear % kWarp, base = f.linear - lane;
-  S().lanes[f.linear] = Bits(v);
-  Arrive(WarpOf(f), Wait::kWarp);
-  const int from = src(int(lane));
-  const T r = (from >= 0 && from < kWarp) ? FromBits<T>(S().lanes[base + from]) : v;
-  Arrive(WarpOf(f), Wait::kWarp);  // nobody overwrites a slot before every lane has read
-  return r;
+  const int lane = int(Current().linear % kWarp);
+  return WarpCollective(v, [&](const uint64_t* slots, unsigned) {
+    const int from = src(lane);
+    return (from >= 0 && from < kWarp) ? FromBits<T>(slots[from]) : v;
+  });
 }
 
 inline bool Released(const Fiber& f) {
   if (f.wait == Wait::kBlock) return S().block.gen != f.wait_gen;
-  if (f.wait == Wait::kWarp) return S().warps[f.linear / kWarp].gen != f.wait_gen;
+  if (f.wait == Wait::kWarp) return WarpOf(f).gen != f.wait_gen;
   return true;
 }
 
@@ -392,15 +403,11 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
 
 inline int __reduce_max_sync(unsigned mask, int v) {
   ::specee_emu::CheckFullMask(mask, "__reduce_max_sync");
-  ::specee_emu::Fiber& f = ::specee_emu::Current();
-  const unsigned base = f.linear - f.linear % ::specee_emu::kWarp;
-  ::specee_emu::S().lanes[f.linear] = ::specee_emu::Bits(v);
-  ::specee_emu::Arrive(::specee_emu::WarpOf(f), ::specee_emu::Wait::kWarp);
-  int r = v;
-  const unsigned lanes = ::specee_emu::WarpOf(f).expected;
-  for (unsigned l = 0; l < lanes; ++l) r = std::max(r, ::specee_emu::FromBits<int>(::specee_emu::S().lanes[base + l]));
-  ::specee_emu::Arrive(::specee_emu::WarpOf(f), ::specee_emu::Wait::kWarp);
-  return r;
+  return ::specee_emu::WarpCollective(v, [](const uint64_t* slots, unsigned lanes) {
+    int r = ::specee_emu::FromBits<int>(slots[0]);
+    for (unsigned l = 1; l < lanes; ++l) r = std::max(r, ::specee_emu::FromBits<int>(slots[l]));
+    return r;
+  });
 }
 
 // Fibers never run concurrently, so a read-modify-write is atomic.
