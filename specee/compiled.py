@@ -12,8 +12,9 @@ marked dynamic the first time they are seen, so each compiles once per process.
 
 The engine hands over runs of layers between two exit tests (spans, ``segment``): a whole stack that tests no
 exit is one graph (as a gpt-fast step); any other run is a few calls of chunk graphs of ``SEGMENT_CHUNKS`` layers,
-one graph per chunk size whatever the start layer. Every chunk size compiles at the first span of a shape class,
-so no later exit pattern compiles anything in the middle of a generation.
+one graph per chunk size whatever the start layer. Before its first generation of a shape class (batch 1 or more)
+the engine has every graph its mode can call compiled on scratch inputs (``CompiledAdapter.precompile``), so no
+exit pattern compiles anything in the middle of a generation, however late it first occurs.
 
 The arithmetic is transformers' Llama/Mistral/Qwen2 decoder layer op for op (RMSNorm in fp32,
 rotate-half RoPE, SDPA, SwiGLU); grouped-query attention packs the query heads of a KV head
@@ -42,6 +43,7 @@ _ACTIVATIONS = {"silu": F.silu, "swish": F.silu, "relu": F.relu, "gelu": F.gelu,
                 "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 _BACKENDS = ("inductor", "aot_eager", "eager")
 _COMPILED: dict = {}          # (function, backend, mode, model signature) -> compiled callable, shared by engines
+_PRECOMPILED: set = set()     # shape classes whose graphs CompiledAdapter.precompile compiled in this process
 COMPILE_SECONDS = {"total": 0.0, "graphs": 0}
 # Layers per compiled call when a step runs several layers between exit tests: one graph per size serves every
 # start layer (weights are inputs). Larger chunks save calls (~0.3 ms each on a CPU, a dozen launches each on a
@@ -273,7 +275,6 @@ class CompiledAdapter(DecoderAdapter):
         self._layer = _compiled(layer_step, self.opts, self.signature)
         self._head = _compiled(head_step, self.opts, self.signature)
         self._chunks = {}                        # layers in a row -> compiled call (see _chunk)
-        self._precompiled = set()                # shape classes whose chunk graphs are all compiled
         self._sources, self._dense_inputs = {}, {}  # name -> last input seen / its dense copy (see _dense)
 
     @staticmethod
@@ -295,10 +296,7 @@ class CompiledAdapter(DecoderAdapter):
         c, (hidden, slots, cos, sin, mask) = self._inputs(hidden, mask, position_embeddings, kv_view)
         c.present[start:start + n].index_fill_(1, slots, True)
         whole = start == 0 and n == self.num_layers and hidden.shape[1] == 1
-        sizes = [n] if whole else chunk_sizes(n)
-        if not whole and n > 1:
-            self._precompile_chunks(hidden, slots, cos, sin, mask, c)
-        for size in sizes:
+        for size in [n] if whole else chunk_sizes(n):
             hidden = self._chunk(size)(hidden, self.weights[start: start + size], c.k_layers[start: start + size],
                                        c.v_layers[start: start + size], slots, cos, sin, mask)
             start += size
@@ -316,19 +314,43 @@ class CompiledAdapter(DecoderAdapter):
                 self._chunks[size] = lambda x, ws, ks, vs, *rest: stack(x, tuple(ws), ks, vs, *rest, **static)
         return self._chunks[size]
 
-    def _precompile_chunks(self, hidden, slots, cos, sin, mask, cache):
-        """Compile every chunk size for this call's shape class (batch 1 or more, one query or more) at once, on
-        scratch caches: which sizes a generation needs depends on where it exits, and a compile in the middle of
-        decoding would stall it for seconds."""
-        key = (hidden.shape[0] > 1, hidden.shape[1] > 1)
-        if key in self._precompiled:
+    def precompile(self, batch: int, spans: bool, several_queries: bool):
+        """Compile, before a generation of ``batch`` rows starts, every graph its steps may call: the layer for
+        several queries (prefill), the whole stack and the head; with ``spans`` (a mode that runs layers between
+        exit tests) the layer and every chunk size for one query, and with ``several_queries`` (deferred fills,
+        speculative verification) for several too, and the head over several rows per batch row.
+
+        Which of them a generation calls depends on where it exits: compiled on first use, a deferred fill
+        after the first exit of the tenth generation would stall it for seconds. Done once per process and shape
+        class, on scratch inputs of distinct sizes (batch 3, 5 queries, 37 slots), so that dynamo's duck sizing
+        ties no two dims that vary apart (a first call with batch 2 and 2 queries would guard on their equality)."""
+        key = (*options_key(self.opts), self.signature, batch > 1, spans, several_queries)
+        if key in _PRECOMPILED:
             return
-        self._precompiled.add(key)
-        for size in (s for s in SEGMENT_CHUNKS if 1 < s < self.num_layers):
-            ks = tuple(torch.empty_like(cache.k_layers[0]) for _ in range(size))
-            vs = tuple(torch.empty_like(cache.v_layers[0]) for _ in range(size))
-            _mark_dynamic_kv(ks + vs)
-            self._chunk(size)(hidden, self.weights[:size], ks, vs, slots, cos, sin, mask)
+        _PRECOMPILED.add(key)
+        B, L = (1 if batch == 1 else 3), self.num_layers
+        chunks = [s for s in SEGMENT_CHUNKS if 1 < s <= L] if spans else []
+        runs = [(1, [L]), (5, [1] + (chunks if several_queries else []))]
+        if spans:
+            runs.append((1, [1] + chunks))
+        for q, sizes in runs:
+            for size in sizes:
+                self._scratch_run(B, q, size)
+        for rows in (B, B * 5) if several_queries else (B,):
+            self.logits(torch.zeros(rows, self.shape.hidden_size, dtype=self.dtype, device=self.device))
+
+    def _scratch_run(self, B: int, q: int, size: int, S: int = 37):
+        """``size`` layers over q queries on scratch caches of S slots: compiles that call's graph."""
+        s = self.shape
+        ks = tuple(torch.zeros(B, s.num_kv_heads, S, s.head_dim, dtype=self.dtype, device=self.device)
+                   for _ in range(2 * size))
+        _mark_dynamic_kv(ks)
+        x = torch.zeros(B, q, s.hidden_size, dtype=self.dtype, device=self.device)
+        slots = torch.arange(S - q, S, device=self.device)
+        cos, sin = self.rope(x, slots.expand(B, q))
+        mask = torch.ones(B, 1, q, S, dtype=torch.bool, device=self.device)
+        _dynamic_dims(x, slots, cos, sin, mask)
+        self._chunk(size)(x, self.weights[:size], ks[:size], ks[size:], slots, cos, sin, mask)
 
     def _inputs(self, hidden, mask, position_embeddings, kv_view):
         if mask is None or mask.dtype != torch.bool:

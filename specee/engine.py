@@ -224,6 +224,9 @@ class Engine:
         valid = torch.ones(B, P, dtype=torch.bool, device=device) if attention_mask is None else attention_mask.bool()
         positions = (valid.long().cumsum(-1) - 1).clamp_(min=0)
         self.cache = a.new_cache(B, max_length)
+        # Deferred fills feed several queries per call: their graphs too must exist before the first exit.
+        a.precompile(B, spans=self.mode != "full",
+                     several_queries=self.kv_policy == "deferred" and self.mode in ("confidence", "early_exit"))
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
         self.hole_depths = set()

@@ -106,6 +106,9 @@ class DecoderAdapter:
             use_cache=True, position_embeddings=position_embeddings,
         )
 
+    def precompile(self, batch: int, spans: bool, several_queries: bool):
+        """Nothing to compile eagerly (see ``CompiledAdapter.precompile``)."""
+
     def segment(self, start: int, n: int, hidden, mask, position_ids, position_embeddings, kv_view):
         """Layers ``start`` .. ``start + n - 1`` under one mask (the engine guarantees it serves them all)."""
         for idx in range(start, start + n):

@@ -231,6 +231,7 @@ class SelfSpeculativeDecoder:
         # its tokens plus one round's drafts, while rows that accept different counts leave masked slots behind.
         grow = max_new if B == 1 else max_new * (K_max + 1)
         eng.cache = a.new_cache(B, P + grow + K_max + 2)
+        a.precompile(B, spans=True, several_queries=True)  # drafting runs spans, verification several queries
         eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)
@@ -334,7 +335,7 @@ class SelfSpeculativeDecoder:
                                           None)
         else:
             deep = shallow[0]  # K = 0: a plain full-depth step
-        target = a.logits(deep)  # [B, K'+1, V]
+        target = a.logits(deep.flatten(0, 1)).view(B, deep.shape[1], -1)  # [B, K'+1, V]; 2-D: one head graph
         draft_t = torch.stack(drafts, 1) if drafts else num_draft.new_zeros(B, 0)
         scores = torch.stack([self._process(processors, seqs, lengths, [draft_t[b, :j] for b in range(B)],
                                             target[:, j]) for j in range(draft_t.shape[1] + 1)], 1)

@@ -122,32 +122,31 @@ def test_qwen2_biases_and_tied_head_compiled():
 
 
 def test_no_recompiles_after_warmup():
-    """After warm-up, exits that change every step (deferred fills of varying size, spans of varying length between
-    exit tests), new prompt lengths, new lengths of the cache and batch sizes seen before compile nothing; the layer
-    graph is shared by all layers, a chunk graph by all spans."""
+    """A warm-up whose predictor never exits compiles every graph a generation can call, so later generations whose
+    exits change every step (deferred fills of varying size, spans of varying length between exit tests), new
+    prompt lengths, cache lengths, batch sizes seen before (batch 2 with 2-query fills included: no duck-sized
+    guard) and speculative rounds compile nothing. The layer graph serves all layers, a chunk graph all spans."""
     model = make_tiny("llama", num_hidden_layers=6)
     script = [3, 1, 6, 2, 5, 4, 1, 6, 2, 3]
+    never = ScriptedPredictor([7], range(6))  # exit "after layer 7" of 6: never, so no fill during warm-up
     before = graphs()
-    compiled.warmup(model, mode="early_exit", exit_config={"predictor": ScriptedPredictor(script, range(6))},
-                    batch_sizes=(1, 3), compile=BACKEND)
+    compiled.warmup(model, mode="early_exit", exit_config={"predictor": never}, batch_sizes=(1, 3), compile=BACKEND)
     compiled.warmup(model, mode="full", batch_sizes=(1, 3), compile=BACKEND)
-    warm = graphs() - before
-    # layer and head, for batch 1 / batch > 1 and one / several queries, plus the whole stack for full-depth steps
-    # (batch 1 / batch > 1): not one per layer
-    assert 0 < warm <= 8
-    compiled.warmup(model, mode="early_exit", exit_config={"predictor": ScheduledScript([6, 3, 5], range(6))},
-                    batch_sizes=(1, 3), compile=BACKEND)
-    # spans: chunks of 4 and 2 layers (SEGMENT_CHUNKS below 6 layers), all compiled at the first span of a shape
-    # class (batch 1 / batch > 1, one query / several), whichever sizes that span needed
-    assert graphs() - before - warm <= 2 * 4
+    # per batch class (1, > 1): the layer and the 2- and 4-layer chunks for one query and for several, the whole
+    # stack for one; the head for one row and for several (batch > 1 shares that graph): not one per layer
+    assert graphs() - before == 2 * 7 + 2
     after_warmup = graphs()
-    for lengths, n in (([5, 3, 7], 17), ([9], 11), ([2, 6, 4], 9)):
+    spec = dict(exit_layer=2, num_draft=3, adaptive_k=False)
+    for lengths, n in (([5, 3, 7], 17), ([9], 11), ([2, 6], 13), ([2, 6, 4], 9)):
         ids, mask = left_padded_batch(lengths)
         for predictor in (ScriptedPredictor(script, range(6)), ScheduledScript(script, range(6))):
             out = specee.generate(model, ids, mask, mode="early_exit", compile=BACKEND, max_new_tokens=n,
                                   do_sample=False, exit_config={"predictor": predictor}, return_dict_in_generate=True)
             assert len(set(out.exit_layers[0].tolist())) > 3  # the exit layer really changed from step to step
         specee.generate(model, ids, mask, compile=BACKEND, max_new_tokens=n, do_sample=False)
+        out = specee.generate(model, ids, mask, mode="self_speculative", exit_config=spec, compile=BACKEND,
+                              max_new_tokens=n, do_sample=False, return_dict_in_generate=True)
+        assert out.stats["acceptance"]  # drafts were made and verified: several queries per call
     assert graphs() == after_warmup
 
 
