@@ -314,29 +314,30 @@ class CompiledAdapter(DecoderAdapter):
                 self._chunks[size] = lambda x, ws, ks, vs, *rest: stack(x, tuple(ws), ks, vs, *rest, **static)
         return self._chunks[size]
 
-    def precompile(self, batch: int, spans: bool, several_queries: bool):
+    def precompile(self, batch: int, spans: bool, fills: bool = False, verify: bool = False):
         """Compile, before a generation of ``batch`` rows starts, every graph its steps may call: the layer for
         several queries (prefill), the whole stack and the head; with ``spans`` (a mode that runs layers between
-        exit tests) the layer and every chunk size for one query, and with ``several_queries`` (deferred fills,
-        speculative verification) for several too, and the head over several rows per batch row.
+        exit tests) the layer and every chunk size for one query; with ``fills`` (deferred fills) or ``verify``
+        (speculative verification) for several queries too, and with ``verify`` the head over several rows per
+        batch row.
 
         Which of them a generation calls depends on where it exits: compiled on first use, a deferred fill
         after the first exit of the tenth generation would stall it for seconds. Done once per process and shape
         class, on scratch inputs of distinct sizes (batch 3, 5 queries, 37 slots), so that dynamo's duck sizing
         ties no two dims that vary apart (a first call with batch 2 and 2 queries would guard on their equality)."""
-        key = (*options_key(self.opts), self.signature, batch > 1, spans, several_queries)
+        key = (*options_key(self.opts), self.signature, batch > 1, spans, fills or verify, verify)
         if key in _PRECOMPILED:
             return
         _PRECOMPILED.add(key)
         B, L = (1 if batch == 1 else 3), self.num_layers
         chunks = [s for s in SEGMENT_CHUNKS if 1 < s <= L] if spans else []
-        runs = [(1, [L]), (5, [1] + (chunks if several_queries else []))]
+        runs = [(1, [L]), (5, [1] + (chunks if fills or verify else []))]
         if spans:
             runs.append((1, [1] + chunks))
         for q, sizes in runs:
             for size in sizes:
                 self._scratch_run(B, q, size)
-        for rows in (B, B * 5) if several_queries else (B,):
+        for rows in (B, B * 5) if verify else (B,):
             self.logits(torch.zeros(rows, self.shape.hidden_size, dtype=self.dtype, device=self.device))
 
     def _scratch_run(self, B: int, q: int, size: int, S: int = 37):
@@ -402,7 +403,9 @@ def warmup(model, tokenizer=None, *, mode="full", exit_config=None, batch_sizes=
            max_new_tokens: int = 4, max_length: int | None = None) -> float:
     """Compile every graph a generation will need (batch 1 and batch > 1, one and several queries per
     call) with a short dummy generation per batch size; returns the seconds it took. Later generations
-    of the same model in this process start at full speed.
+    of the same model in this process start at full speed. (A first generation compiles the same graphs
+    before its prefill, ``CompiledAdapter.precompile``, whether or not the dummy exits or drafts: warm-up only
+    moves that time out of the first request.)
 
     With ``compile=dict(graphs=True)`` the last batch size's CUDA graphs are captured too, over a cache sized for
     ``max_length`` (prompt + new tokens of the generations to come; default: the dummy's own), while decoding only

@@ -226,7 +226,7 @@ class Engine:
         self.cache = a.new_cache(B, max_length)
         # Deferred fills feed several queries per call: their graphs too must exist before the first exit.
         a.precompile(B, spans=self.mode != "full",
-                     several_queries=self.kv_policy == "deferred" and self.mode in ("confidence", "early_exit"))
+                     fills=self.kv_policy == "deferred" and self.mode in ("confidence", "early_exit"))
         self.cache.all_valid = attention_mask is None or bool(valid.all())
         self.pending = DeferredQueue()
         self.hole_depths = set()

@@ -106,7 +106,7 @@ class DecoderAdapter:
             use_cache=True, position_embeddings=position_embeddings,
         )
 
-    def precompile(self, batch: int, spans: bool, several_queries: bool):
+    def precompile(self, batch: int, spans: bool, fills: bool = False, verify: bool = False):
         """Nothing to compile eagerly (see ``CompiledAdapter.precompile``)."""
 
     def segment(self, start: int, n: int, hidden, mask, position_ids, position_embeddings, kv_view):

@@ -231,7 +231,7 @@ class SelfSpeculativeDecoder:
         # its tokens plus one round's drafts, while rows that accept different counts leave masked slots behind.
         grow = max_new if B == 1 else max_new * (K_max + 1)
         eng.cache = a.new_cache(B, P + grow + K_max + 2)
-        a.precompile(B, spans=True, several_queries=True)  # drafting runs spans, verification several queries
+        a.precompile(B, spans=True, verify=True)  # drafting runs spans, verification several queries and heads
         eng.cache.all_valid = attention_mask is None or bool(valid.all())
         eng.host_syncs = 0
         eng.cache.append(valid, positions)

@@ -132,6 +132,7 @@ def test_no_recompiles_after_warmup():
     before = graphs()
     compiled.warmup(model, mode="early_exit", exit_config={"predictor": never}, batch_sizes=(1, 3), compile=BACKEND)
     compiled.warmup(model, mode="full", batch_sizes=(1, 3), compile=BACKEND)
+    compiled.warmup(model, mode="self_speculative", batch_sizes=(1, 3), compile=BACKEND)
     # per batch class (1, > 1): the layer and the 2- and 4-layer chunks for one query and for several, the whole
     # stack for one; the head for one row and for several (batch > 1 shares that graph): not one per layer
     assert graphs() - before == 2 * 7 + 2
