@@ -20,7 +20,8 @@ Methods (greedy, batch 1, the default model, Spec-Bench prompts spread over cate
 Every prompt is decoded by every method in turn, after a warm-up that compiles (its seconds are
 reported apart, per method). Reports tokens/s, speedup over hf_static_compiled and over hf_eager,
 token agreement with full greedy, mean exit layer, the graphs dynamo compiled inside timed runs (a
-compile stall counted as decode time; 0 when warm-up covered every shape), and the oracle bound priced with
+compile stall counted as decode time; 0 when warm-up covered every shape) and, for *_graphs methods, the CUDA
+graphs captured inside them, and the oracle bound priced with
 the compiled layer and head costs measured in the same run. Writes bench/results/<out>.json and <out>.png.
 With --shape (a random-weight model of a real shape, for GPUs) see main_shape.
 """
@@ -30,6 +31,7 @@ import argparse
 import json
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -82,6 +84,18 @@ def run(model, ids, mask, how, n):
         seq, exits = out.sequences, out.exit_layers
     synchronize(ids.device)
     return seq, exits, time.perf_counter() - t
+
+
+def captures(model, since=None):
+    """CUDA graphs captured so far for the model's persistent graph set (specee.graphs), as (set, count); with
+    ``since`` (an earlier return) the captures made after it (a new set, for a new batch or slot bucket, counts
+    whole)."""
+    p = getattr(model, "_specee_graphs", None)
+    if since is None:  # a weak reference: holding the set would keep its KV buffers alive past a reallocation
+        return (weakref.ref(p) if p is not None else None), (p.captures if p is not None else 0)
+    ref, count = since
+    now = p.captures if p is not None else 0
+    return now - count if ref is not None and ref() is p else now
 
 
 def copy_bandwidth(device, nbytes=1 << 30, reps=10):
@@ -208,15 +222,17 @@ def main(argv=None):
     agree = {m: [0, 0] for m in how}
     exits = {m: [] for m in how}
     timed_graphs = {m: 0 for m in how}  # graphs dynamo compiled inside timed runs (after warm-up): should be 0
+    timed_captures = {m: 0 for m in how}  # CUDA graphs captured inside timed runs (*_graphs methods)
     oracle = []
     for p in tqdm(prompts, desc="bench_compile"):
         ids, mask = encode(tok, [p.text])
         P = ids.shape[1]
         rows = {}
         for name, h in how.items():
-            graphs = counters["stats"]["unique_graphs"]
+            graphs, captured = counters["stats"]["unique_graphs"], captures(model)
             seq, ex, dt = run(model, ids, mask, h, args.max_new_tokens)
             timed_graphs[name] += counters["stats"]["unique_graphs"] - graphs
+            timed_captures[name] += captures(model, since=captured)
             rows[name] = new_tokens(seq, P, tok.eos_token_id)[0]
             tokens[name] += seq.shape[1] - P if how[name][0] == "gptfast" else len(rows[name])
             seconds[name] += dt
@@ -237,6 +253,7 @@ def main(argv=None):
                        vs_hf_static_compiled=tps[m] / tps["hf_static_compiled"], vs_hf_eager=tps[m] / tps["hf_eager"],
                        token_agreement_with_full=agree[m][0] / max(1, agree[m][1]),
                        mean_exit_layer=sum(exits[m]) / max(1, len(exits[m])), graphs_compiled_while_timed=timed_graphs[m],
+                       cuda_graphs_captured_while_timed=timed_captures[m],
                        **compile_s[m]) for m in how}
     doc = dict(benchmark="compile", model="SmolLM2-135M-Instruct (fp32)", prompts=args.prompts,
                num_prompts=len(prompts), max_new_tokens=args.max_new_tokens, num_layers=L, results=results,

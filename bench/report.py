@@ -66,7 +66,8 @@ def compile_table(doc):
     for name, r in doc["results"].items():
         lines.append(f"| {name} | {r['tokens_per_s']:.2f} | {r['vs_hf_static_compiled']:.2f}x | {r['vs_hf_eager']:.2f}x "
                      f"| {r['token_agreement_with_full']:.1%} | {r['mean_exit_layer']:.1f} | {r['first_call_s']:.1f} "
-                     f"| {r.get('graphs_compiled_while_timed', 'not counted')} |")
+                     f"| {r.get('graphs_compiled_while_timed', 'not counted')}"
+                     f"{' (%d CUDA graphs captured)' % r['cuda_graphs_captured_while_timed'] if r.get('cuda_graphs_captured_while_timed') else ''} |")
     lines += ["", f"Oracle: mean exit layer {o['mean_exit_layer']:.1f} of {doc['num_layers']}; with a compiled layer at "
               f"{o['compiled_layer_ms']:.2f} ms and the head at {o['compiled_head_ms']:.2f} ms, layer skipping can buy "
               f"at most {o['speedup_bound_vs_full']:.2f}x over full_compiled."]
