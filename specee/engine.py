@@ -26,6 +26,26 @@ from .compiled import make_adapter
 from .policies import ExitConfig, StepPlan, make_policy
 
 
+class ReadBack:
+    """A few device values copied to the host. On CUDA the copy goes to pinned memory behind an event, so work
+    queued after it (the lookahead layer) does not delay :meth:`result`: the host waits for the copy alone while
+    the device runs on. Elsewhere there is no queue, and the values are read at once."""
+
+    def __init__(self, values: torch.Tensor):
+        self.event = None
+        if values.device.type == "cuda":
+            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            values = host.copy_(values, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.values = values
+
+    def result(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.values.tolist()
+
+
 @dataclass
 class DecodeResult:
     sequences: torch.Tensor                      # [B, P + T]
@@ -139,12 +159,13 @@ class Engine:
                 exits["layer"] = torch.where(newly, l + 1, exits["layer"])
                 # The one read-back per evaluated layer: did a row exit, can the batch stop, did every row
                 # exit for real (then the step's logits are all here and the head need not run again)?
-                flags = torch.stack([newly.any(), exits["done"].all(), (exits["layer"] > 0).all()])
+                flags = ReadBack(torch.stack([newly.any(), exits["done"].all(), (exits["layer"] > 0).all()]))
                 if self.config.lookahead and i < len(layers):
-                    # Queue the next layer before the read-back, so the device works while the host waits; if
-                    # the batch exits here it was one layer too many, whose KV is exact (kept, deferred policy).
+                    # Queue the next layer behind the read-back's copy, so the device runs it while the host waits
+                    # for the copy alone; if the batch exits here it was one layer too many, whose KV is exact
+                    # (kept, deferred policy).
                     ahead = run_span(layers[i], 1, hidden)
-                any_new, all_done, exits["all_exited"] = flags.tolist()
+                any_new, all_done, exits["all_exited"] = flags.result()
                 self.host_syncs += 1
                 if any_new:
                     if logits is None:  # the predictor did not run the head: run it only when a row leaves

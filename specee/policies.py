@@ -44,9 +44,12 @@ class ExitConfig:
     predictor : object
         ``early_exit``'s predictor bank: ``predictor.decide(layer, hidden, state) -> (exit[B], logits|None)``.
     lookahead : bool
-        Queue the layer after an evaluated one before reading the exit decision back, so a GPU computes while
-        the host waits (costs one layer when the batch exits there; tokens unchanged). Needs ``kv_policy``
-        ``deferred``. Off by default: its GPU gain is not measured yet (bench/GPU_OWED.md E3).
+        Queue the layer after an evaluated one behind the exit decision's copy to the host, so a GPU computes
+        while the host waits (costs one layer when the batch exits there; tokens unchanged). Needs ``kv_policy``
+        ``deferred``. It overlaps only what the policy's ``decide`` leaves on the device: ``confidence``, replayed
+        traces and a predictor bank with ``confirm="none"``; a bank that confirms reads ``fire.any()`` inside
+        ``decide`` (to run the head only when a row fired), which waits before the next layer is queued. Off by
+        default: its GPU gain is not measured yet (bench/GPU_OWED.md E3).
     """
 
     kv_policy: str = "deferred"

@@ -27,3 +27,17 @@ def test_exit_modes_run_on_cuda(mode):
     out = specee.generate(model, ids.cuda(), mask.cuda(), mode=mode, max_new_tokens=10,
                           return_dict_in_generate=True)
     assert out.sequences.is_cuda and out.exit_layers.shape == (2, 10)
+
+
+@pytest.mark.parametrize("compile", [None, dict(graphs=True)], ids=["eager", "graphs"])
+def test_lookahead_read_back_on_cuda(compile):
+    """The exit decisions' pinned, event-ordered copy (engine.ReadBack) reads what a plain read does: lookahead
+    changes no token or exit layer on a GPU either."""
+    model = make_tiny("llama", num_hidden_layers=6).cuda()
+    ids, mask = left_padded_batch([6])
+    outs = [specee.generate(model, ids.cuda(), mask.cuda(), mode="confidence", compile=compile, max_new_tokens=14,
+                            do_sample=False, return_dict_in_generate=True,
+                            exit_config=dict(thresholds=0.1, lookahead=lookahead)) for lookahead in (False, True)]
+    assert torch.equal(outs[0].sequences, outs[1].sequences)
+    assert torch.equal(outs[0].exit_layers, outs[1].exit_layers)
+    assert outs[1].stats["lookahead_layers"] > 0
