@@ -271,7 +271,9 @@ class CompiledAdapter(DecoderAdapter):
         self.static_args = dict(eps=s.rms_eps, num_heads=s.num_heads, num_kv_heads=s.num_kv_heads,
                                 head_dim=s.head_dim, scale=float(scale), act=getattr(cfg, "hidden_act", "silu"))
         self.weights = [self._layer_weights(layer) for layer in self.layers]
-        self.signature = (s, self.dtype, str(self.device), tuple(w is None for w in self.weights[0]))
+        # What the compiled code depends on: two models alike in all of it share graphs (and precompiled classes)
+        self.signature = (s, self.dtype, str(self.device), tuple(sorted(self.static_args.items())),
+                          tuple(None if w is None else tuple(w.shape) for w in self.weights[0]))
         self._layer = _compiled(layer_step, self.opts, self.signature)
         self._head = _compiled(head_step, self.opts, self.signature)
         self._chunks = {}                        # layers in a row -> compiled call (see _chunk)

@@ -154,6 +154,8 @@ class Engine:
             l = layers[i - 1]
             if l in plan.eval_layers:
                 exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
+                if exit_now is None:  # the policy knows on the host that no row exits here: nothing to read
+                    continue
                 newly = exit_now & ~exits["done"]
                 exits["done"] = exits["done"] | newly
                 exits["layer"] = torch.where(newly, l + 1, exits["layer"])

@@ -42,7 +42,8 @@ class ExitConfig:
     measure : str
         ``confidence``'s score: ``softmax`` (max probability) or ``gap`` (top-1 minus top-2 probability).
     predictor : object
-        ``early_exit``'s predictor bank: ``predictor.decide(layer, hidden, state) -> (exit[B], logits|None)``.
+        ``early_exit``'s predictor bank: ``predictor.decide(layer, hidden, adapter) -> (exit[B], logits|None)``;
+        ``exit`` may be None when no row exits there and the predictor knows it on the host (no read-back).
     lookahead : bool
         Queue the layer after an evaluated one behind the exit decision's copy to the host, so a GPU computes
         while the host waits (costs one layer when the batch exits there; tokens unchanged). Needs ``kv_policy``
@@ -103,7 +104,9 @@ class Policy:
             return self._all
         return StepPlan(tuple(range(max_depth)), frozenset())
 
-    def decide(self, layer: int, hidden: torch.Tensor, adapter) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def decide(self, layer: int, hidden: torch.Tensor, adapter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """After ``layer``: (exit [B] bool on the device, logits [B, V] or None); exit None means no row exits
+        here, known on the host, so the engine reads nothing back."""
         raise NotImplementedError
 
     def observe(self, exit_layers: torch.Tensor):

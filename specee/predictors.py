@@ -177,7 +177,6 @@ class PredictorBank:
         self.set_thresholds(thresholds)
         self._tap = None
         self._model = None
-        self._zeros = None  # [B, V] returned with "no exit" (never written, so shared across steps)
         self.stats = {}
         self.reset(1)
 
@@ -286,19 +285,16 @@ class PredictorBank:
         there); at the others it returns "no exit" at once, so the engine need not call it nor read anything back."""
         return self._step_layers
 
-    def _no_exit(self, hidden, adapter):
-        if self._zeros is None or self._zeros.shape[0] != hidden.shape[0]:
-            self._zeros = torch.zeros(hidden.shape[0], adapter.shape.vocab_size, device=hidden.device)
-        return torch.zeros(hidden.shape[0], dtype=torch.bool, device=hidden.device), self._zeros
-
     def decide(self, layer: int, hidden: torch.Tensor, adapter):
-        """Exit decisions after ``layer``: (exit [B] bool, logits [B, V] fp32). hidden: [B, d]."""
+        """Exit decisions after ``layer``: (exit [B] bool, logits [B, V] fp32), or (None, None) when no row exits
+        here and this is known on the host (not scheduled, or no score passed: the engine then reads nothing
+        back). hidden: [B, d]."""
         B = hidden.shape[0]
         if self._cands is None and (self.draft.layer is None or layer >= self.draft.layer):
             self._cands = self.draft.propose(hidden, adapter).to(hidden.device)
         rows = self._sched.get(layer)
         if self._cands is None or rows is None or not any(rows):
-            return self._no_exit(hidden, adapter)
+            return None, None
         if layer not in self._sched_t:
             self._sched_t[layer] = torch.tensor(rows, device=hidden.device)
         sched = self._sched_t[layer]
@@ -320,7 +316,7 @@ class PredictorBank:
             return fire, logits
         self.stats["host_syncs"] += 1
         if not bool(fire.any()):
-            return self._no_exit(hidden, adapter)
+            return None, None
         self.stats["fired"] += int(fire.sum())
         if self.confirm == "argmax":
             token, in_cands = ops.lm_head_argmax(adapter.final_norm(hidden), adapter.lm_head.weight, self._cands)

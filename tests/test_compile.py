@@ -126,7 +126,8 @@ def test_no_recompiles_after_warmup():
     exits change every step (deferred fills of varying size, spans of varying length between exit tests), new
     prompt lengths, cache lengths, batch sizes seen before (batch 2 with 2-query fills included: no duck-sized
     guard) and speculative rounds compile nothing. The layer graph serves all layers, a chunk graph all spans."""
-    model = make_tiny("llama", num_hidden_layers=6)
+    # a shape no other test uses (intermediate_size), so no graph of it exists before this test, in any order
+    model = make_tiny("llama", num_hidden_layers=6, intermediate_size=136)
     script = [3, 1, 6, 2, 5, 4, 1, 6, 2, 3]
     never = ScriptedPredictor([7], range(6))  # exit "after layer 7" of 6: never, so no fill during warm-up
     before = graphs()
