@@ -16,7 +16,10 @@ every layer of a step shape shares:
   fills and speculative verification (up to ``MAX_GRAPH_QUERIES`` queries) replay graphs;
 - the engine decides exits between replays, as with the compiled layer, so the exit layer may change
   every step without a new capture; a span of layers between two exit tests replays its layers' graphs back
-  to back (inputs filled once).
+  to back (inputs filled once);
+- before a generation's prefill, every graph its mode may replay is captured (``GraphedAdapter.precompile``:
+  each layer for 1 .. ``MAX_GRAPH_QUERIES`` queries where deferred fills or verification feed several), so a
+  late first exit captures nothing mid-generation.
 
 Persistent cache: graphs read the cache at fixed addresses, so the KV buffers outlive a generation.
 They belong to the model (one set, for the latest batch size and slot bucket); a generation whose
@@ -121,6 +124,7 @@ class _Persistent:
         self.pool = torch.cuda.graph_pool_handle() if adapter.graph_cls is CudaGraph else None
         self.steps: dict = {}    # q -> _Step
         self.head = None         # (input buffer, logits buffer, graph)
+        self.precaptured = set()  # (spans, several queries) whose graphs GraphedAdapter.precompile captured
         self.captures = self.replays = 0
 
 
@@ -173,10 +177,37 @@ class GraphedAdapter(CompiledAdapter):
         if (self._uncaptured or p is None or kv_view.cache is not p.cache or q > MAX_GRAPH_QUERIES or mask is None
                 or mask.dtype != torch.bool):
             return None
+        return self._step_of(q, cos.dtype)
+
+    def _step_of(self, q: int, rope_dtype) -> _Step:
+        p = self.persistent
         if q not in p.steps:
             s = self.shape
-            p.steps[q] = _Step(B, q, p.slots, s.hidden_size, s.head_dim, self.dtype, cos.dtype, self.device)
+            p.steps[q] = _Step(p.batch, q, p.slots, s.hidden_size, s.head_dim, self.dtype, rope_dtype, self.device)
         return p.steps[q]
+
+    def precompile(self, batch: int, spans: bool, fills: bool = False, verify: bool = False):
+        """``CompiledAdapter.precompile``, then capture every graph the generation may replay over the persistent
+        buffers: the whole stack and the head, with ``spans`` each layer for one query, with ``fills`` or ``verify``
+        each layer for 2 .. ``MAX_GRAPH_QUERIES`` queries. A capture runs its layer once and records it; lazily,
+        the first deferred fill of a new size would capture a stack of layers in the middle of a generation."""
+        super().precompile(batch, spans, fills, verify)
+        p = self.persistent
+        key = (spans, fills or verify)
+        if self._uncaptured or p is None or p.batch != batch or key in p.precaptured:
+            return
+        p.precaptured.add(key)
+        x = torch.zeros(1, 1, self.shape.hidden_size, dtype=self.dtype, device=self.device)
+        rope_dtype = self.rope(x, torch.zeros(1, 1, dtype=torch.long, device=self.device))[0].dtype
+        one = self._step_of(1, rope_dtype)
+        if one.whole is None:
+            one.whole = self._capture(one, self._whole_fn(one))
+        for q in range(1 if spans else 2, MAX_GRAPH_QUERIES + 1 if fills or verify else 2):
+            step = self._step_of(q, rope_dtype)
+            for idx in range(self.num_layers):
+                if idx not in step.layers:
+                    step.layers[idx] = self._capture(step, self._layer_fn(step, idx))
+        self.logits(torch.zeros(batch, self.shape.hidden_size, dtype=self.dtype, device=self.device))
 
     def _capture(self, step: _Step, fn):
         p = self.persistent
@@ -198,6 +229,10 @@ class GraphedAdapter(CompiledAdapter):
             step.x.copy_(fn(step.x, w, k, v, step.slots, step.cos, step.sin, step.mask, **static))
         return run
 
+    def _whole_fn(self, step: _Step):
+        runs = [self._layer_fn(step, i) for i in range(self.num_layers)]
+        return lambda: [run() for run in runs]
+
     # -------------------------------------------------------------- adapter interface
     def segment(self, start, n, hidden, mask, position_ids, position_embeddings, kv_view):
         """The whole stack replays one graph; any other run replays its layers' graphs back to back (inputs filled
@@ -207,8 +242,7 @@ class GraphedAdapter(CompiledAdapter):
             return super().segment(start, n, hidden, mask, position_ids, position_embeddings, kv_view)
         if start == 0 and n == self.num_layers:
             if step.whole is None:
-                runs = [self._layer_fn(step, i) for i in range(n)]
-                step.whole = self._capture(step, lambda: [run() for run in runs])
+                step.whole = self._capture(step, self._whole_fn(step))
             graphs = [step.whole]
         else:
             for idx in range(start, start + n):

@@ -84,27 +84,33 @@ def test_stale_buffers_are_caught():
 
 
 def test_no_recompiles_or_recaptures_after_warmup():
-    """After warm-up, exits that change every step and new prompt lengths compile no graph and capture none."""
+    """A warm-up whose predictor never exits compiles and captures every graph: later exits that change every step
+    (deferred fills of every size), speculative rounds and new prompt lengths compile no graph and capture none."""
     from conftest import ScriptedPredictor
 
     model = make_tiny("llama", num_hidden_layers=6)
     script = [3, 1, 6, 2, 5, 4, 1, 6, 2, 3]
 
-    def cfg():
+    def cfg(script):
         return {"predictor": ScriptedPredictor(script, range(6))}
 
-    compiled.warmup(model, mode="early_exit", exit_config=cfg(), batch_sizes=(3,), compile=HOST, max_new_tokens=12)
+    compiled.warmup(model, mode="early_exit", exit_config=cfg([7]), batch_sizes=(3,), compile=HOST, max_new_tokens=12)
     compiled.warmup(model, mode="full", batch_sizes=(3,), compile=HOST)
-    before, captured = counters["stats"]["unique_graphs"], graphs.graph_stats(model)["captures"]
+    stats = graphs.graph_stats(model)
+    assert stats["queries"] == list(range(1, graphs.MAX_GRAPH_QUERIES + 1))  # captured though nothing exited
+    before, captured = counters["stats"]["unique_graphs"], stats["captures"]
     for lengths, n in (([5, 3, 7], 17), ([2, 6, 4], 9)):
         ids, mask = left_padded_batch(lengths)
         torch.manual_seed(0)
         out = specee.generate(model, ids, mask, mode="early_exit", compile=HOST, max_new_tokens=n, do_sample=False,
-                              exit_config=cfg(), return_dict_in_generate=True)
+                              exit_config=cfg(script), return_dict_in_generate=True)
         assert len(set(out.exit_layers[0].tolist())) > 3  # the exit layer really changed from step to step
         specee.generate(model, ids, mask, compile=HOST, max_new_tokens=n, do_sample=False)
+        specee.generate(model, ids, mask, mode="self_speculative", compile=HOST, max_new_tokens=n, do_sample=False,
+                        exit_config=dict(exit_layer=2, num_draft=3, adaptive_k=False))
     assert counters["stats"]["unique_graphs"] == before
     assert graphs.graph_stats(model)["captures"] == captured
+    assert graphs.graph_stats(model)["replays"] > 0
 
 
 def test_graph_option_errors():
