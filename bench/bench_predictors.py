@@ -412,7 +412,7 @@ def main(argv=None):
     bank.reset(1)
     bank._cands = c
     bank._sched = {l: [True] for l in bank.predictor_layers}
-    decide_ms = med(lambda: bank.decide(l0, h, a))
+    decide_ms = med(lambda: tuple(bank.decide(l0, h, a)))  # unpacking waits for a pending decision
     payload["cost"] = dict(exit_predict_ms=op_ms, exit_predict_layers=op_ms / layer_ms, decide_ms=decide_ms,
                            decide_layers=decide_ms / layer_ms, head_layers=costs["head"], layer_ms=layer_ms,
                            exit_predict_backend=ops.backend_of("exit_predict", "cpu"))

@@ -24,26 +24,7 @@ import torch
 from .cache import DeferredQueue, KVCache
 from .compiled import make_adapter
 from .policies import ExitConfig, StepPlan, make_policy
-
-
-class ReadBack:
-    """A few device values copied to the host. On CUDA the copy goes to pinned memory behind an event, so work
-    queued after it (the lookahead layer) does not delay :meth:`result`: the host waits for the copy alone while
-    the device runs on. Elsewhere there is no queue, and the values are read at once."""
-
-    def __init__(self, values: torch.Tensor):
-        self.event = None
-        if values.device.type == "cuda":
-            host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
-            values = host.copy_(values, non_blocking=True)
-            self.event = torch.cuda.Event()
-            self.event.record()
-        self.values = values
-
-    def result(self) -> list:
-        if self.event is not None:
-            self.event.synchronize()
-        return self.values.tolist()
+from .readback import Pending, ReadBack
 
 
 @dataclass
@@ -153,7 +134,12 @@ class Engine:
             i += n
             l = layers[i - 1]
             if l in plan.eval_layers:
-                exit_now, logits = self.policy.decide(l, hidden[:, -1], a)
+                decision = self.policy.decide(l, hidden[:, -1], a)
+                if isinstance(decision, Pending):  # the policy's own read-back is in flight: queue ahead first
+                    if self.config.lookahead and i < len(layers):
+                        ahead = run_span(layers[i], 1, hidden)
+                    decision = decision.resolve()
+                exit_now, logits = decision
                 if exit_now is None:  # the policy knows on the host that no row exits here: nothing to read
                     continue
                 newly = exit_now & ~exits["done"]
@@ -162,7 +148,7 @@ class Engine:
                 # The one read-back per evaluated layer: did a row exit, can the batch stop, did every row
                 # exit for real (then the step's logits are all here and the head need not run again)?
                 flags = ReadBack(torch.stack([newly.any(), exits["done"].all(), (exits["layer"] > 0).all()]))
-                if self.config.lookahead and i < len(layers):
+                if self.config.lookahead and ahead is None and i < len(layers):
                     # Queue the next layer behind the read-back's copy, so the device runs it while the host waits
                     # for the copy alone; if the batch exits here it was one layer too many, whose KV is exact
                     # (kept, deferred policy).

@@ -43,14 +43,14 @@ class ExitConfig:
         ``confidence``'s score: ``softmax`` (max probability) or ``gap`` (top-1 minus top-2 probability).
     predictor : object
         ``early_exit``'s predictor bank: ``predictor.decide(layer, hidden, adapter) -> (exit[B], logits|None)``;
-        ``exit`` may be None when no row exits there and the predictor knows it on the host (no read-back).
+        ``exit`` may be None when no row exits there and the predictor knows it on the host (no read-back), and
+        the pair may come as a ``readback.Pending`` whose read-back is in flight.
     lookahead : bool
         Queue the layer after an evaluated one behind the exit decision's copy to the host, so a GPU computes
         while the host waits (costs one layer when the batch exits there; tokens unchanged). Needs ``kv_policy``
-        ``deferred``. It overlaps only what the policy's ``decide`` leaves on the device: ``confidence``, replayed
-        traces and a predictor bank with ``confirm="none"``; a bank that confirms reads ``fire.any()`` inside
-        ``decide`` (to run the head only when a row fired), which waits before the next layer is queued. Off by
-        default: its GPU gain is not measured yet (bench/GPU_OWED.md E3).
+        ``deferred``. A predictor bank's own read of whether a row fired (it runs the head only then) is
+        overlapped too: ``decide`` returns it in flight (``readback.Pending``). Off by default: its GPU gain is not
+        measured yet (bench/GPU_OWED.md E3).
     """
 
     kv_policy: str = "deferred"
@@ -106,7 +106,8 @@ class Policy:
 
     def decide(self, layer: int, hidden: torch.Tensor, adapter) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """After ``layer``: (exit [B] bool on the device, logits [B, V] or None); exit None means no row exits
-        here, known on the host, so the engine reads nothing back."""
+        here, known on the host, so the engine reads nothing back. A ``readback.Pending`` of the pair lets the
+        engine queue the next layer before the policy's own read-back is waited for."""
         raise NotImplementedError
 
     def observe(self, exit_layers: torch.Tensor):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from . import ops
+from . import ops, readback
 from .drafts import DraftSource, build_source
 
 FORMAT = "specee-predictors"
@@ -288,7 +288,8 @@ class PredictorBank:
     def decide(self, layer: int, hidden: torch.Tensor, adapter):
         """Exit decisions after ``layer``: (exit [B] bool, logits [B, V] fp32), or (None, None) when no row exits
         here and this is known on the host (not scheduled, or no score passed: the engine then reads nothing
-        back). hidden: [B, d]."""
+        back). With confirmation, a ``readback.Pending`` of that pair: the read of whether a row fired is in
+        flight (unpacking waits). hidden: [B, d]."""
         B = hidden.shape[0]
         if self._cands is None and (self.draft.layer is None or layer >= self.draft.layer):
             self._cands = self.draft.propose(hidden, adapter).to(hidden.device)
@@ -314,10 +315,18 @@ class PredictorBank:
             logits.scatter_(1, self._cands, torch.log(probs.clamp_min(1e-30)))
             self._done |= fire
             return fire, logits
+        # Whether any row fired decides whether the head runs: read it back, letting the engine queue work behind
+        # the copy first (readback.Pending; unpacking waits).
+        fired = readback.ReadBack(fire.sum()[None])
         self.stats["host_syncs"] += 1
-        if not bool(fire.any()):
+        return readback.Pending(lambda: self._confirm(fired.result()[0], fire, hidden, adapter))
+
+    def _confirm(self, fired: int, fire, hidden, adapter):
+        """The exits of the rows that fired, where the layer's own argmax is among the candidates."""
+        if not fired:
             return None, None
-        self.stats["fired"] += int(fire.sum())
+        B = hidden.shape[0]
+        self.stats["fired"] += fired
         if self.confirm == "argmax":
             token, in_cands = ops.lm_head_argmax(adapter.final_norm(hidden), adapter.lm_head.weight, self._cands)
             logits = torch.zeros(B, adapter.shape.vocab_size, device=hidden.device)
@@ -326,14 +335,16 @@ class PredictorBank:
             logits = adapter.logits(hidden)  # fp32 [B, V]: the exit's logits (sampling and processors see them)
             in_cands = (self._cands == logits.argmax(-1, keepdim=True)).any(-1)
         exit_now = fire & in_cands
-        self._done |= exit_now
-        self.stats["exits"] += int(exit_now.sum())
+        self._done |= exit_now  # counted into stats["exits"] by observe, with the step's one read-back
         return exit_now, logits
 
     def observe(self, exit_layers: torch.Tensor):
         """After a step: exit_layers [B] = layers run per row (0 for finished rows)."""
         self.stats["steps"] += 1
-        for b, e in enumerate(exit_layers.tolist()):
+        done = self._done if self._done is not None else torch.zeros_like(exit_layers, dtype=torch.bool)
+        layers, exited = torch.stack([exit_layers, done.to(exit_layers.dtype)]).tolist()
+        self.stats["exits"] += sum(exited)
+        for b, e in enumerate(layers):
             if e > 0:
                 self.history[b].append(e - 1)
         self._begin_step()

@@ -146,6 +146,7 @@ def test_a_row_that_exited_is_not_decided_again_and_unscheduled_rows_never_exit(
     assert ex.tolist() == [True, False]
     ex, _ = bank.decide(2, hidden, a)
     assert ex.tolist() == [False, True], "row 0 is done; row 1 exits at its always-on layer"
+    bank.observe(torch.tensor([2, 3]))  # exits are counted with the step's read-back
     assert bank.stats["exits"] == 2 and int(top.numel()) == 2
 
 
@@ -389,3 +390,52 @@ def test_step_layers_follow_the_schedule():
     assert bank.step_layers() == {2, 4, 6, 9, 11}
     probe = PredictorBank(random_mlps(range(2, 12)), 0.5, ProbeSource(1, K), always=[6])
     assert probe.step_layers() == {1, 6}, "the probe draft proposes after its layer"
+
+
+@pytest.mark.parametrize("confirm", ["logits", "argmax"])
+def test_lookahead_overlaps_the_banks_read_back(monkeypatch, confirm):
+    """With lookahead, the bank's read of "did a row fire" starts (its copy is queued) before the next layer and is
+    waited for after it: on a GPU the device runs that layer meanwhile. Tokens and exit layers equal those
+    without lookahead."""
+    from specee import engine as engine_mod
+    from specee import readback
+
+    events = []
+
+    class Logged(readback.ReadBack):
+        def __init__(self, values):
+            events.append("copy")
+            super().__init__(values)
+
+        def result(self):
+            events.append("wait")
+            return super().result()
+
+    segment = DecoderAdapter.segment
+
+    def logged_segment(self, start, n, *args):
+        events.append("layer")
+        return segment(self, start, n, *args)
+
+    monkeypatch.setattr(readback, "ReadBack", Logged)
+    monkeypatch.setattr(engine_mod, "ReadBack", Logged)
+    monkeypatch.setattr(DecoderAdapter, "segment", logged_segment)
+    model = make_tiny("llama", num_hidden_layers=8)
+    ids, mask = left_padded_batch([6, 4])
+    cands = lambda h, ad: ad.logits(h).topk(K, -1).indices  # noqa: E731  (confirmable: exits happen)
+    outs, overlapped, bank_reads = [], [], []
+    for lookahead in (False, True):
+        events.clear()
+        bank = PredictorBank(random_mlps(range(2, 7), bias=0.5), 0.5, FixedSource(cands), confirm=confirm)
+        outs.append(_gen(model, ids, mask, bank, n=10, lookahead=lookahead))
+        overlapped.append(sum(events[i: i + 3] == ["copy", "layer", "wait"] for i in range(len(events))))
+        bank_reads.append(bank.stats["host_syncs"])
+        # a wait follows its copy at once, or with one layer queued between them
+        assert all(events[i - 1] == "copy" or events[i - 2: i] == ["copy", "layer"]
+                   for i, e in enumerate(events) if e == "wait")
+    plain, ahead = outs
+    assert torch.equal(ahead.sequences, plain.sequences)
+    assert torch.equal(ahead.exit_layers, plain.exit_layers)
+    ex = plain.exit_layers[:, 1:]
+    assert ((ex > 0) & (ex < 8)).any(), "some rows exited"
+    assert overlapped[0] == 0 and bank_reads[1] > 0 and overlapped[1] == bank_reads[1]
