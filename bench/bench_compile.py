@@ -130,10 +130,13 @@ def main_shape(args):
         how = methods(model, [], max_cache_len=args.prompt_len + N, graphs=args.graphs, cpp_wrapper=args.cpp_wrapper)
         first = {name: run(model, ids, mask, h, min(8, N))[2] for name, h in how.items()}  # compiles
         secs = {name: [] for name in how}
-        seqs = {}
+        seqs, timed = {}, {name: [0, 0] for name in how}  # graphs compiled, CUDA graphs captured while timed
         for _ in range(args.reps):  # interleaved; the median is kept
             for name, h in how.items():
+                graphs, captured = counters["stats"]["unique_graphs"], captures(model)
                 seq, _, dt = run(model, ids, mask, h, N)
+                timed[name][0] += counters["stats"]["unique_graphs"] - graphs
+                timed[name][1] += captures(model, since=captured)
                 secs[name].append(dt)
                 seqs[name] = seq
         tps = {m: bs * N / sorted(v)[len(v) // 2] for m, v in secs.items()}
@@ -141,16 +144,19 @@ def main_shape(args):
             tokens_per_s=tps[m], vs_hf_static_compiled=tps[m] / tps["hf_static_compiled"],
             vs_hf_eager=tps[m] / tps["hf_eager"], vs_gptfast=tps[m] / tps["gptfast_compiled"],
             exact_vs_full_eager=bool(torch.equal(seqs[m], seqs["full_eager"])), first_call_s=first[m],
-            weight_bandwidth_fraction=weight_bytes * tps[m] / bs / bandwidth) for m in how}
+            weight_bandwidth_fraction=weight_bytes * tps[m] / bs / bandwidth, graphs_compiled_while_timed=timed[m][0],
+            cuda_graphs_captured_while_timed=timed[m][1]) for m in how}
     doc = dict(benchmark="compile_shape", shape=args.shape, dtype=str(next(model.parameters()).dtype), num_layers=L,
                prompt_len=args.prompt_len, max_new_tokens=N, reps=args.reps, weight_bytes=weight_bytes,
                copy_bandwidth_bytes_per_s=bandwidth, results=groups)
     path = write_json(f"{args.out}.json", doc)
     for group, rows in groups.items():
-        print(f"\n{group}: {'method':<22}{'tok/s':>9}{'vs HF compiled':>16}{'vs gpt-fast':>13}{'of copy BW':>12}")
+        print(f"\n{group}: {'method':<22}{'tok/s':>9}{'vs HF compiled':>16}{'vs gpt-fast':>13}{'of copy BW':>12}"
+              f"{'timed compiles/captures':>25}")
         for m, r in rows.items():
             print(f"{'':>9}{m:<22}{r['tokens_per_s']:>9.1f}{r['vs_hf_static_compiled']:>15.2f}x{r['vs_gptfast']:>12.2f}x"
-                  f"{r['weight_bandwidth_fraction']:>12.0%}")
+                  f"{r['weight_bandwidth_fraction']:>12.0%}"
+                  f"{r['graphs_compiled_while_timed']:>17d}/{r['cuda_graphs_captured_while_timed']}")
     print(f"wrote {path}")
 
 
