@@ -118,3 +118,33 @@ def tiny_model_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def read_log(monkeypatch):
+    """Events of exit decisions' read-backs and of the adapter's layer calls, in order: "copy" (a ReadBack queued),
+    "wait" (its result awaited), "layer" (DecoderAdapter.segment called; eager adapters only)."""
+    from specee import engine, readback
+    from specee.models import DecoderAdapter
+
+    events = []
+
+    class Logged(readback.ReadBack):
+        def __init__(self, values):
+            events.append("copy")
+            super().__init__(values)
+
+        def result(self):
+            events.append("wait")
+            return super().result()
+
+    segment = DecoderAdapter.segment
+
+    def logged_segment(self, *args):
+        events.append("layer")
+        return segment(self, *args)
+
+    monkeypatch.setattr(readback, "ReadBack", Logged)
+    monkeypatch.setattr(engine, "ReadBack", Logged)
+    monkeypatch.setattr(DecoderAdapter, "segment", logged_segment)
+    return events

@@ -273,36 +273,15 @@ def test_lookahead_changes_no_token(mode, compile):
     assert plain.stats["lookahead_layers"] == 0 < ahead.stats["lookahead_layers"]
 
 
-def test_lookahead_layer_is_queued_between_copy_and_wait(monkeypatch):
+def test_lookahead_layer_is_queued_between_copy_and_wait(read_log):
     """The read-back of each exit decision starts (its copy is queued) before the lookahead layer and is waited for
     after it: on a GPU the device runs that layer while the host waits for the copy alone."""
-    from specee import engine as engine_mod
-
-    events = []
-
-    class Logged(engine_mod.ReadBack):
-        def __init__(self, values):
-            events.append("copy")
-            super().__init__(values)
-
-        def result(self):
-            events.append("wait")
-            return super().result()
-
-    monkeypatch.setattr(engine_mod, "ReadBack", Logged)
     model = make_tiny("llama", num_hidden_layers=6)
     ids, mask = left_padded_batch([5])
     eng = Engine(model, "early_exit", dict(predictor=ScriptedPredictor([3, 5, 6, 2], range(5)), lookahead=True))
-    segment = eng.adapter.segment
-
-    def logged_segment(start, n, *args):
-        events.append(f"layer{start}")
-        return segment(start, n, *args)
-
-    monkeypatch.setattr(eng.adapter, "segment", logged_segment)
     _decode(model, eng, ids, mask, 4)
-    waits = [i for i, e in enumerate(events) if e == "wait"]
-    assert waits and all(events[i - 2] == "copy" and events[i - 1].startswith("layer") for i in waits)
+    waits = [i for i, e in enumerate(read_log) if e == "wait"]
+    assert waits and all(read_log[i - 2: i] == ["copy", "layer"] for i in waits)
     assert eng.lookahead_layers > 0
 
 

@@ -393,33 +393,11 @@ def test_step_layers_follow_the_schedule():
 
 
 @pytest.mark.parametrize("confirm", ["logits", "argmax"])
-def test_lookahead_overlaps_the_banks_read_back(monkeypatch, confirm):
+def test_lookahead_overlaps_the_banks_read_back(read_log, confirm):
     """With lookahead, the bank's read of "did a row fire" starts (its copy is queued) before the next layer and is
     waited for after it: on a GPU the device runs that layer meanwhile. Tokens and exit layers equal those
     without lookahead."""
-    from specee import engine as engine_mod
-    from specee import readback
-
-    events = []
-
-    class Logged(readback.ReadBack):
-        def __init__(self, values):
-            events.append("copy")
-            super().__init__(values)
-
-        def result(self):
-            events.append("wait")
-            return super().result()
-
-    segment = DecoderAdapter.segment
-
-    def logged_segment(self, start, n, *args):
-        events.append("layer")
-        return segment(self, start, n, *args)
-
-    monkeypatch.setattr(readback, "ReadBack", Logged)
-    monkeypatch.setattr(engine_mod, "ReadBack", Logged)
-    monkeypatch.setattr(DecoderAdapter, "segment", logged_segment)
+    events = read_log
     model = make_tiny("llama", num_hidden_layers=8)
     ids, mask = left_padded_batch([6, 4])
     cands = lambda h, ad: ad.logits(h).topk(K, -1).indices  # noqa: E731  (confirmable: exits happen)
