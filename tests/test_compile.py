@@ -136,7 +136,7 @@ def test_no_recompiles_after_warmup():
     compiled.warmup(model, mode="self_speculative", batch_sizes=(1, 3), compile=BACKEND)
     # per batch class (1, > 1): the layer and the 2- and 4-layer chunks for one query and for several, the whole
     # stack for one; the head for one row and for several (batch > 1 shares that graph): not one per layer
-    assert graphs() - before == 2 * 7 + 2
+    assert 0 < graphs() - before <= 2 * 7 + 2  # (16 with torch 2.13; another torch may merge some)
     after_warmup = graphs()
     spec = dict(exit_layer=2, num_draft=3, adaptive_k=False)
     for lengths, n in (([5, 3, 7], 17), ([9], 11), ([2, 6], 13), ([2, 6, 4], 9)):
