@@ -86,6 +86,16 @@ def run(model, ids, mask, how, n):
     return seq, exits, time.perf_counter() - t
 
 
+def run_counted(model, ids, mask, how, n, counts):
+    """run(), adding to ``counts`` [graphs compiled, CUDA graphs captured] what happened during it (after warm-up,
+    both should stay 0: otherwise a compile or capture stall is counted as decode time)."""
+    graphs, captured = counters["stats"]["unique_graphs"], captures(model)
+    out = run(model, ids, mask, how, n)
+    counts[0] += counters["stats"]["unique_graphs"] - graphs
+    counts[1] += captures(model, since=captured)
+    return out
+
+
 def captures(model, since=None):
     """CUDA graphs captured so far for the model's persistent graph set (specee.graphs), as (set, count); with
     ``since`` (an earlier return) the captures made after it (a new set, for a new batch or slot bucket, counts
@@ -133,10 +143,7 @@ def main_shape(args):
         seqs, timed = {}, {name: [0, 0] for name in how}  # graphs compiled, CUDA graphs captured while timed
         for _ in range(args.reps):  # interleaved; the median is kept
             for name, h in how.items():
-                graphs, captured = counters["stats"]["unique_graphs"], captures(model)
-                seq, _, dt = run(model, ids, mask, h, N)
-                timed[name][0] += counters["stats"]["unique_graphs"] - graphs
-                timed[name][1] += captures(model, since=captured)
+                seq, _, dt = run_counted(model, ids, mask, h, N, timed[name])
                 secs[name].append(dt)
                 seqs[name] = seq
         tps = {m: bs * N / sorted(v)[len(v) // 2] for m, v in secs.items()}
@@ -227,18 +234,14 @@ def main(argv=None):
     seconds = {m: 0.0 for m in how}
     agree = {m: [0, 0] for m in how}
     exits = {m: [] for m in how}
-    timed_graphs = {m: 0 for m in how}  # graphs dynamo compiled inside timed runs (after warm-up): should be 0
-    timed_captures = {m: 0 for m in how}  # CUDA graphs captured inside timed runs (*_graphs methods)
+    timed = {m: [0, 0] for m in how}  # graphs compiled, CUDA graphs captured inside timed runs (see run_counted)
     oracle = []
     for p in tqdm(prompts, desc="bench_compile"):
         ids, mask = encode(tok, [p.text])
         P = ids.shape[1]
         rows = {}
         for name, h in how.items():
-            graphs, captured = counters["stats"]["unique_graphs"], captures(model)
-            seq, ex, dt = run(model, ids, mask, h, args.max_new_tokens)
-            timed_graphs[name] += counters["stats"]["unique_graphs"] - graphs
-            timed_captures[name] += captures(model, since=captured)
+            seq, ex, dt = run_counted(model, ids, mask, h, args.max_new_tokens, timed[name])
             rows[name] = new_tokens(seq, P, tok.eos_token_id)[0]
             tokens[name] += seq.shape[1] - P if how[name][0] == "gptfast" else len(rows[name])
             seconds[name] += dt
@@ -258,8 +261,8 @@ def main(argv=None):
     results = {m: dict(tokens_per_s=tps[m], tokens=tokens[m], seconds=seconds[m],
                        vs_hf_static_compiled=tps[m] / tps["hf_static_compiled"], vs_hf_eager=tps[m] / tps["hf_eager"],
                        token_agreement_with_full=agree[m][0] / max(1, agree[m][1]),
-                       mean_exit_layer=sum(exits[m]) / max(1, len(exits[m])), graphs_compiled_while_timed=timed_graphs[m],
-                       cuda_graphs_captured_while_timed=timed_captures[m],
+                       mean_exit_layer=sum(exits[m]) / max(1, len(exits[m])), graphs_compiled_while_timed=timed[m][0],
+                       cuda_graphs_captured_while_timed=timed[m][1],
                        **compile_s[m]) for m in how}
     doc = dict(benchmark="compile", model="SmolLM2-135M-Instruct (fp32)", prompts=args.prompts,
                num_prompts=len(prompts), max_new_tokens=args.max_new_tokens, num_layers=L, results=results,

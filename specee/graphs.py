@@ -202,7 +202,8 @@ class GraphedAdapter(CompiledAdapter):
         one = self._step_of(1, rope_dtype)
         if one.whole is None:
             one.whole = self._capture(one, self._whole_fn(one))
-        for q in range(1 if spans else 2, MAX_GRAPH_QUERIES + 1 if fills or verify else 2):
+        queries = ([1] if spans else []) + (list(range(2, MAX_GRAPH_QUERIES + 1)) if fills or verify else [])
+        for q in queries:
             step = self._step_of(q, rope_dtype)
             for idx in range(self.num_layers):
                 if idx not in step.layers:

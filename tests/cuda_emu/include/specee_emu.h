@@ -436,6 +436,10 @@ inline cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, i
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
       size_t(value) > ::specee_emu::kMaxDynamicShared)
     return cudaErrorInvalidValue;
-  ::specee_emu::S().shared_limits.emplace_back(reinterpret_cast<const void*>(kernel), size_t(value));
+  auto& limits = ::specee_emu::S().shared_limits;  // the latest value per kernel, as CUDA keeps it
+  const void* key = reinterpret_cast<const void*>(kernel);
+  for (auto& [k, bytes] : limits)
+    if (k == key) return bytes = size_t(value), cudaSuccess;
+  limits.emplace_back(key, size_t(value));
   return cudaSuccess;
 }
