@@ -94,6 +94,16 @@ class Engine:
         # Layers where the attention mask changes: a slot with a hole is present below it, absent from it on.
         boundaries = self.hole_depths | set(pend.depth) if pend else self.hole_depths
         layers = plan.layers
+        region_masks = {}
+
+        def region_mask(l, query_slots):
+            """The mask of layer l's region: the holes and the deferred slots that join in change only at
+            boundaries, so every span between two of them (span() never crosses one) shares one mask, made once
+            per step (and, being the same tensor, copied once into compiled or graphed inputs)."""
+            region = sum(b <= l for b in boundaries)
+            if region not in region_masks:
+                region_masks[region] = cache.mask(l, query_slots, a.dtype, additive)
+            return region_masks[region]
 
         def span(i):
             """How many layers from layers[i] on run as one adapter call: consecutive, no exit test before the
@@ -111,14 +121,14 @@ class Engine:
         def run_span(l, n, hidden):
             active = pend.active(l) if pend else []
             if not active:
-                mask = shared_mask if shared_mask is not None or unmasked else cache.mask(l, cur_t, a.dtype, additive)
+                mask = shared_mask if shared_mask is not None or unmasked else region_mask(l, cur_t)
                 k = len(all_slots) - len(slots)
                 return a.segment(l, n, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
                                  cache.view(cur_t, contiguous))
             q_slots = [pend.slots[i] for i in active] + slots
             idx = torch.tensor([slot_index[s] for s in q_slots], device=hidden.device)
             x = torch.cat([pend.hidden[:, active], hidden], dim=1)
-            mask = cache.mask(l, all_t[idx], a.dtype, additive)
+            mask = region_mask(l, all_t[idx])
             out = a.segment(l, n, x, mask, position_ids[:, idx], (cos[:, idx], sin[:, idx]),
                             cache.view(all_t[idx], None))
             pend.hidden[:, active] = out[:, : len(active)]
@@ -166,6 +176,8 @@ class Engine:
                     break
         if pend:
             pend.advance(layers[i - 1] + 1, a.num_layers)
+            if not len(pend):  # the deferred holes are all filled: later steps share one mask again
+                cache.has_holes = False
         return hidden, layers[:i], exits
 
     def _fill_holes(self, hidden: torch.Tensor, slot: int, reached: int):
@@ -173,8 +185,8 @@ class Engine:
         L, cache = self.adapter.num_layers, self.cache
         if reached >= L:
             return
-        cache.has_holes = True
         if self.kv_policy == "skip":
+            cache.has_holes = True  # for good: skip never fills a hole
             self.hole_depths.add(reached)
         elif self.kv_policy == "propagate":
             pos = cache.positions[:, slot: slot + 1]
@@ -185,6 +197,7 @@ class Engine:
                 cache.v_layers[l][:, :, slot: slot + 1] = v
                 cache.present[l, slot] = True
         elif self.kv_policy == "deferred":
+            cache.has_holes = True  # until the queue drains (_run, flush)
             self.pending.push(slot, reached, hidden)
 
     def flush(self):
@@ -202,6 +215,7 @@ class Engine:
             mask = self.cache.mask(l, slots_t, a.dtype, a.attn_implementation == "eager")
             pend.hidden[:, active] = a.layer(l, x, mask, pos, rope, self.cache.view(slots_t, None))
             pend.advance(l + 1, a.num_layers)
+        self.cache.has_holes = False
 
     # ------------------------------------------------------------------ decode
     def decode(self, input_ids, attention_mask=None, **kwargs) -> DecodeResult:

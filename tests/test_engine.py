@@ -338,3 +338,51 @@ def test_spans_between_exit_tests_equal_layer_by_layer(kv_policy, compile):
     for l in range(8):
         assert torch.equal(c1.present[l], c2.present[l])
         torch.testing.assert_close(c1.k_layers[l], c2.k_layers[l], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kv_policy", ["skip", "deferred"])
+def test_one_mask_per_region_of_a_step(kv_policy, monkeypatch):
+    """Spans between the same two mask boundaries (hole depths, deferred slots joining in) share one mask tensor,
+    built once per step; once the deferred queue drains, steps share one mask again (no holes are left)."""
+    from specee.cache import KVCache
+
+    model = make_tiny("llama", num_hidden_layers=8)
+    ids, mask = left_padded_batch([6, 9])
+    script = [[3, 3], [6, 8], [8, 8], [3, 6], [6, 6], [2, 8], [5, 5], [8, 3], [7, 7], [3, 3]]
+    engine = Engine(model, "early_exit", dict(kv_policy=kv_policy, predictor=ScriptedPredictor(script, range(7))))
+    built, steps = [], []
+    real_mask, real_run = KVCache.mask, engine._run
+
+    def counted_mask(self, layer, *args, **kw):
+        built.append(layer)
+        return real_mask(self, layer, *args, **kw)
+
+    def run(hidden, slots, plan, finished, spans=True):
+        bounds, holes = engine.hole_depths | set(engine.pending.depth), engine.cache.has_holes
+        before, masks = len(built), set()
+        seg = engine.adapter.segment
+
+        def segment(start, n, hidden, mask, *rest):
+            masks.add(id(mask))
+            return seg(start, n, hidden, mask, *rest)
+
+        engine.adapter.segment = segment
+        try:
+            out = real_run(hidden, slots, plan, finished, spans)
+        finally:
+            engine.adapter.segment = seg
+        steps.append((len(slots), bounds, len(built) - before, len(masks), holes))
+        return out
+
+    monkeypatch.setattr(KVCache, "mask", counted_mask)
+    engine._run = run
+    _decode(model, engine, ids, mask, len(script) + 1)
+    decode_steps = [s for s in steps if s[0] == 1]
+    assert len(decode_steps) == len(script)
+    for _, bounds, n_built, n_masks, _ in decode_steps:
+        regions = len({sum(b <= l for b in bounds) for l in range(8)})
+        assert n_built <= regions and n_masks <= regions, (bounds, n_built, n_masks)
+    assert any(n > 1 for _, _, _, n, _ in decode_steps), "some step crossed a boundary"
+    holes = [h for *_, h in decode_steps]  # what each step found the cache holding
+    # step 0 exits at layer 3; step 1 runs all 8 (its rows exit at 6 and 8), which fills that hole under deferred
+    assert holes[:3] == [False, True, kv_policy == "skip"]
