@@ -69,7 +69,7 @@ def build_parser():
 
     demo = sub.add_parser("demo", help="run the default model on the shipped prompts: answers, tokens/s, "
                           "mean exit layer, speedup over full measured in the same run")
-    _add_decode_args(demo, "confidence")
+    _add_decode_args(demo, "early_exit")
     demo.add_argument("--prompts", default=None, help="JSONL prompt file (default: the prompts shipped with specee)")
     demo.add_argument("--num-prompts", type=int, default=None)
 

@@ -50,7 +50,13 @@ def exit_config_from_args(args, num_layers, model=None):
     if args.mode == "early_exit" and model is not None:
         from .predictors import load_predictors
 
-        cfg["predictor"] = load_predictors(getattr(args, "predictors", None), model)
+        try:
+            cfg["predictor"] = load_predictors(getattr(args, "predictors", None), model)
+        except ValueError as e:
+            if getattr(args, "predictors", None) is not None:
+                raise
+            raise ValueError(f"{e} Or pick a --mode that needs no predictors (self_speculative, confidence, "
+                             "skipdecode, full).") from None
     return cfg
 
 

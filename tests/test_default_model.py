@@ -88,6 +88,17 @@ def test_cli_demo_on_a_model_dir(tiny_model_dir, tmp_path, capsys, mode):
     assert "speedup" in out and "mean exit layer" in out and "[b]" in out
 
 
+def test_cli_demo_defaults_to_early_exit(tiny_model_dir, tmp_path, capsys):
+    """The demo shows SpecEE's exits with the shipped bank by default; on a model the bank was not trained for it
+    says how to train one or which modes need none."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')
+    assert cli.build_parser().parse_args(["demo"]).mode == "early_exit"
+    assert cli.main(["demo", "--model", tiny_model_dir, "--prompts", str(prompts), "--max-new-tokens", "4"]) != 0
+    err = capsys.readouterr().err
+    assert "specee train" in err and "--mode that needs no predictors" in err
+
+
 def test_cli_generate_streams(tiny_model_dir, capsys):
     assert cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1 w2", "--no-chat",
                      "--max-new-tokens", "5"]) == 0
