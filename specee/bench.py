@@ -272,6 +272,13 @@ def oracle_exits(model, seq, prompt_len):
     return oracle[0]
 
 
+def oracle_bound(mean_exit: float, num_layers: int, step_ms: float, head_ms: float) -> float:
+    """Speedup over ``full`` if every token left at its oracle layer (``mean_exit`` layers run on average), with a
+    full step of ``step_ms`` split into ``num_layers`` equal layers and the head's ``head_ms``."""
+    layer_ms = (step_ms - head_ms) / num_layers
+    return (num_layers * layer_ms + head_ms) / (mean_exit * layer_ms + head_ms)
+
+
 @torch.no_grad()
 def head_cost_ms(model, reps=30):
     """Measured ms of the final norm + LM head at batch 1."""
@@ -368,9 +375,8 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
     step_ms = full["latency_ms"]["mean"]  # a decode step, without the prefill that tokens/s includes
     if step_ms != step_ms:  # NaN: no streamed latencies
         step_ms = 1e3 / full["tokens_per_s"]
-    layer_ms = (step_ms - head_ms) / L
     o = torch.cat(oracle).float()
-    bound = (L * layer_ms + head_ms) / (o.mean().item() * layer_ms + head_ms)
+    layer_ms, bound = (step_ms - head_ms) / L, oracle_bound(o.mean().item(), L, step_ms, head_ms)
     if "llama_cpp" in peer_fns:
         f = peer_fns["llama_cpp"]
         if not f.tokenizer_match:  # token ids of different vocabularies cannot be compared

@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .bench import synchronize
+from .bench import head_cost_ms, oracle_bound, oracle_exits, synchronize
 from .generate import generate
 from .prompts import encode, load_prompts, new_tokens
 
@@ -106,6 +106,7 @@ def run_demo(args):
     if _compile(args):
         _warmup(model, ("full", args.mode), cfg, _compile(args))
     totals = {"full": [0, 0.0], args.mode: [0, 0.0]}
+    oracle = []
     exit_sum = exit_count = agree = compared = 0
     print(f"specee demo: {type(model).__name__}, {L} layers, mode={args.mode}, exit_config={cfg}\n")
     for p in prompts:
@@ -129,10 +130,16 @@ def run_demo(args):
         print(f"  -> {tok.decode(toks, skip_special_tokens=True).strip()}")
         print(f"     {len(toks) / t_mode:6.1f} tok/s ({args.mode}) vs {len(ref_toks) / t_full:6.1f} tok/s (full), "
               f"mean exit layer {out.exit_layers[0, :n].float().mean():.1f}/{L}\n")
+        oracle.append(oracle_exits(model, ref.sequences[:, : P + len(ref_toks)], P))
     tps = {k: n / t for k, (n, t) in totals.items()}
+    speedup = tps[args.mode] / tps["full"]
     print(f"summary over {len(prompts)} prompts: full {tps['full']:.1f} tok/s, {args.mode} {tps[args.mode]:.1f} tok/s, "
-          f"speedup {tps[args.mode] / tps['full']:.2f}x, mean exit layer {exit_sum / max(1, exit_count):.1f}/{L}, "
+          f"speedup {speedup:.2f}x, mean exit layer {exit_sum / max(1, exit_count):.1f}/{L}, "
           f"token agreement with full {agree / max(1, compared):.1%}")
+    o = torch.cat(oracle).float().mean().item()
+    bound = oracle_bound(o, L, 1e3 / tps["full"], head_cost_ms(model))
+    print(f"oracle bound: {bound:.2f}x (every full token leaving at its first layer whose argmax is full's: mean "
+          f"layer {o:.1f}/{L}, priced with this run's step and head times)")
 
 
 def run_generate(args):

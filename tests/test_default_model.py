@@ -86,6 +86,8 @@ def test_cli_demo_on_a_model_dir(tiny_model_dir, tmp_path, capsys, mode):
                      "--max-new-tokens", "6"]) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "mean exit layer" in out and "[b]" in out
+    bound = float(out.split("oracle bound: ")[1].split("x")[0])
+    assert bound >= 1.0  # the oracle never runs more layers than full
 
 
 def test_cli_demo_defaults_to_early_exit(tiny_model_dir, tmp_path, capsys):
