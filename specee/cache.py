@@ -31,6 +31,9 @@ class KVCache:
         Slots tokens may use (``max_len`` unless the cache keeps scratch slots at its end).
     length : int
         Slots in use (a host-side int: it is fixed by the schedule, not by device values).
+    has_holes : bool
+        Some slot lacks K/V at some layer, so masks consult ``present`` (host-side; the engine sets it, for good
+        under ``skip``, while deferred slots wait under ``deferred``).
     """
 
     def __init__(self, shape: ModelShape, batch: int, max_len: int, dtype, device, static: bool = False,

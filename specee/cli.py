@@ -144,7 +144,7 @@ def build_parser():
                     "smollm2_spec_bench (oracle exits of the default model), specee_synthetic (SpecEE's published "
                     "distribution: 66%% exit, mean 25.3 of 32); rescaled to the shape's layer count")
     rp.add_argument("--shape", default="llama2-7b", help="model shape: llama2-7b, llama2-13b, llama3-8b, "
-                    "smollm2-135m, tiny (default: llama2-7b)")
+                    "smollm2-135m, tiny, host32 (32 tiny layers: host time only; default: llama2-7b)")
     rp.add_argument("--schedules", nargs="+", default=["planned", "exit", "all"], choices=("planned", "exit", "all"),
                     help="how the engine learns of the exit: planned depth, one test at the exit, a test at every "
                     "layer where the trace exits (early_exit mode's cost)")

@@ -63,6 +63,10 @@ SHAPES = {
                          intermediate_size=1536, vocab_size=49152, dtype="float32"),
     "tiny": dict(num_hidden_layers=8, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                  intermediate_size=128, vocab_size=256, dtype="float32"),
+    # 32 layers of negligible arithmetic: a token's time is the host's (calls, guards, exit decisions, read-backs),
+    # the CPU's stand-in for the launch-bound regime of a GPU at batch 1
+    "host32": dict(num_hidden_layers=32, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=256, dtype="float32"),
 }
 
 
