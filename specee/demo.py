@@ -132,9 +132,8 @@ def run_demo(args):
               f"mean exit layer {out.exit_layers[0, :n].float().mean():.1f}/{L}\n")
         oracle.append(oracle_exits(model, ref.sequences[:, : P + len(ref_toks)], P))
     tps = {k: n / t for k, (n, t) in totals.items()}
-    speedup = tps[args.mode] / tps["full"]
     print(f"summary over {len(prompts)} prompts: full {tps['full']:.1f} tok/s, {args.mode} {tps[args.mode]:.1f} tok/s, "
-          f"speedup {speedup:.2f}x, mean exit layer {exit_sum / max(1, exit_count):.1f}/{L}, "
+          f"speedup {tps[args.mode] / tps['full']:.2f}x, mean exit layer {exit_sum / max(1, exit_count):.1f}/{L}, "
           f"token agreement with full {agree / max(1, compared):.1%}")
     o = torch.cat(oracle).float().mean().item()
     bound = oracle_bound(o, L, 1e3 / tps["full"], head_cost_ms(model))
