@@ -272,6 +272,13 @@ def oracle_exits(model, seq, prompt_len):
     return oracle[0]
 
 
+def _plain(cfg):
+    """An exit config as JSON can hold it: objects (a predictor bank) by their repr."""
+    if cfg is None:
+        return None
+    return {k: v if isinstance(v, (bool, int, float, str, list, tuple, type(None))) else repr(v) for k, v in cfg.items()}
+
+
 def oracle_bound(mean_exit: float, num_layers: int, step_ms: float, head_ms: float) -> float:
     """Speedup over ``full`` if every token left at its oracle layer (``mean_exit`` layers run on average), with a
     full step of ``step_ms`` split into ``num_layers`` equal layers and the head's ``head_ms``."""
@@ -369,7 +376,7 @@ def run_bench(model, tokenizer, prompts, modes=("full", "skipdecode", "confidenc
                     oracle.append(oracle_exits(model, seq, len(row_ids)))
         hf_tps = stats["hf"].tokens / stats["hf"].seconds
         results[f"batch_{bs}"] = {m: dict(s.summary(L), speedup_vs_hf=(s.tokens / s.seconds) / hf_tps,
-                                          exit_config=configs.get(m)) for m, s in stats.items()}
+                                          exit_config=_plain(configs.get(m))) for m, s in stats.items()}
     full = results[f"batch_{batch_sizes[0]}"]["full"]
     head_ms = head_cost_ms(model)
     step_ms = full["latency_ms"]["mean"]  # a decode step, without the prefill that tokens/s includes
@@ -482,11 +489,12 @@ def main_bench(args):
     t_start = time.perf_counter()
     model, tok = load_model_from_args(args)
     prompts = load_prompts(args.prompts, args.num_prompts)
-    doc = run_bench(model, tok, prompts, modes=args.modes, batch_sizes=args.batch_sizes,
+    modes, configs, skipped = bench_modes(args, model)
+    doc = run_bench(model, tok, prompts, modes=modes, batch_sizes=args.batch_sizes, exit_configs=configs,
                     max_new_tokens=args.max_new_tokens, peers=getattr(args, "peers", None) or (),
                     default_model=args.model is None, compile=getattr(args, "compile", None) or None)
     doc = dict(meta=run_metadata(), benchmark="specee_bench", model=args.model or "SmolLM2-135M-Instruct",
-               prompts=args.prompts or "specee/data/demo_prompts.jsonl", **doc)
+               prompts=args.prompts or "specee/data/demo_prompts.jsonl", modes_skipped=skipped, **doc)
     import sys
 
     doc["run"] = dict(command=" ".join(["specee", *sys.argv[1:]]) if sys.argv else "specee bench",
@@ -498,6 +506,26 @@ def main_bench(args):
     plots = plot_bench(doc, out)
     print(summary_table(doc))
     print(f"wrote {out / 'bench.json'} and {', '.join(str(p) for p in plots)}")
+
+
+def bench_modes(args, model):
+    """(modes, exit configs, modes skipped with the reason) for ``specee bench``: ``--modes``, or all of them, where
+    ``early_exit`` runs with the ``--predictors`` bank (the shipped one for the default model) and is left out, with
+    the reason, when no bank fits the model and the modes were not named."""
+    from .demo import predictor_bank
+    from .policies import MODES
+
+    modes, configs, skipped = list(args.modes or MODES), {}, {}
+    if "early_exit" in modes:
+        try:
+            configs["early_exit"] = dict(predictor=predictor_bank(getattr(args, "predictors", None), model))
+        except ValueError as e:
+            if args.modes:
+                raise
+            modes.remove("early_exit")
+            skipped["early_exit"] = str(e)
+            print(f"specee bench: early_exit left out: {e}")
+    return modes, configs, skipped
 
 
 def summary_table(doc):

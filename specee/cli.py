@@ -120,7 +120,10 @@ def build_parser():
     be = sub.add_parser("bench", help="every mode and HF generate side by side on the same prompts: speedup per "
                         "category, latency percentiles, fidelity, exit histograms, batch scaling (JSON + PNG)")
     be.add_argument("--model", default=None, help="model directory (default: SmolLM2-135M-Instruct)")
-    be.add_argument("--modes", nargs="+", default=["full", "skipdecode", "confidence"], choices=MODES)
+    be.add_argument("--modes", nargs="+", default=None, choices=MODES, help="specee modes to run (default: all; "
+                    "early_exit only where a predictor bank is found for the model)")
+    be.add_argument("--predictors", default=None, help="early_exit: predictor directory from `specee train` "
+                    "(default: the bank shipped for the default model)")
     be.add_argument("--prompts", default=None, help="JSONL prompts, e.g. ../shared/data/spec_bench_dev.jsonl "
                     "(default: the prompts shipped with specee)")
     be.add_argument("--num-prompts", type=int, default=None)

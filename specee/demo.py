@@ -48,16 +48,22 @@ def exit_config_from_args(args, num_layers, model=None):
     if args.mode == "skipdecode" and args.min_layers is not None:
         cfg["min_layers"] = args.min_layers
     if args.mode == "early_exit" and model is not None:
-        from .predictors import load_predictors
-
-        try:
-            cfg["predictor"] = load_predictors(getattr(args, "predictors", None), model)
-        except ValueError as e:
-            if getattr(args, "predictors", None) is not None:
-                raise
-            raise ValueError(f"{e} Or pick a --mode that needs no predictors (self_speculative, confidence, "
-                             "skipdecode, full).") from None
+        cfg["predictor"] = predictor_bank(getattr(args, "predictors", None), model)
     return cfg
+
+
+def predictor_bank(path, model):
+    """The predictor bank for ``early_exit``: from ``path`` (``specee train --out``), or the one shipped for the
+    default model; a model it was not trained for gets the ways out."""
+    from .predictors import load_predictors
+
+    try:
+        return load_predictors(path, model)
+    except ValueError as e:
+        if path is not None:
+            raise
+        raise ValueError(f"{e} Or pick a --mode that needs no predictors (self_speculative, confidence, "
+                         "skipdecode, full).") from None
 
 
 def _compile(args):

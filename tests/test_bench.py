@@ -36,6 +36,36 @@ def test_specee_bench_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     assert "oracle" in capsys.readouterr().out
 
 
+def test_specee_bench_runs_every_mode_and_early_exit_with_a_bank(tiny_model_dir, tmp_path, capsys):
+    """By default `specee bench` runs every mode; early_exit needs a bank for the model: --predictors gives one,
+    without it early_exit is left out with the reason (and asking for it by name is an error that says why)."""
+    from transformers import AutoModelForCausalLM
+
+    from specee.drafts import NGramSource
+    from specee.predictors import PredictorBank, _head_sample, model_fingerprint
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w1 w2 w3", "category": "a"}\n')
+    common = ["bench", "--model", tiny_model_dir, "--prompts", str(prompts), "--max-new-tokens", "5"]
+    assert cli.main([*common, "--out", str(tmp_path / "all")]) == 0
+    doc = json.loads((tmp_path / "all" / "bench.json").read_text())
+    assert set(doc["results"]["batch_1"]) == {"hf", "full", "skipdecode", "confidence", "self_speculative"}
+    assert "specee train" in doc["modes_skipped"]["early_exit"]
+    assert cli.main([*common, "--modes", "early_exit", "--out", str(tmp_path / "x")]) == 2
+    assert "--mode that needs no predictors" in capsys.readouterr().err
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    L, k, hidden = model.config.num_hidden_layers, 4, 16
+    weights = {l: (torch.zeros(hidden, 3 * k), torch.zeros(hidden), torch.zeros(hidden), torch.zeros(1))
+               for l in range(1, L - 1)}  # score 0.5 everywhere: never above threshold 0.9, so early_exit == full
+    PredictorBank(weights, 0.9, NGramSource(k), fingerprint=model_fingerprint(model),
+                  head_sample=_head_sample(model)).save(tmp_path / "bank")
+    assert cli.main([*common, "--modes", "early_exit", "--predictors", str(tmp_path / "bank"),
+                     "--out", str(tmp_path / "ee")]) == 0
+    row = json.loads((tmp_path / "ee" / "bench.json").read_text())["results"]["batch_1"]["early_exit"]
+    assert row["exact_match"] == 1.0 and row["exit_config"]["predictor"].startswith("PredictorBank(")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error a machine without CUDA gives")
 @pytest.mark.parametrize("command", ["bench", "generate", "demo"])
 def test_device_without_cuda_is_refused_with_the_fix(tiny_model_dir, command, capsys):
