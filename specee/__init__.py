@@ -7,6 +7,7 @@
 from .engine import Engine
 from .generate import SpeceeGenerateOutput, custom_generate, generate
 from .policies import KV_POLICIES, MODES, ExitConfig
+from .predictors import PredictorBank, load_predictors
 
 __version__ = "0.1.0"
 
@@ -18,5 +19,5 @@ def load_default_model(*args, **kwargs):
     return _load(*args, **kwargs)
 
 
-__all__ = ["Engine", "ExitConfig", "KV_POLICIES", "MODES", "SpeceeGenerateOutput", "custom_generate", "generate",
-           "load_default_model"]
+__all__ = ["Engine", "ExitConfig", "KV_POLICIES", "MODES", "PredictorBank", "SpeceeGenerateOutput", "custom_generate",
+           "generate", "load_default_model", "load_predictors"]

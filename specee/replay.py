@@ -201,6 +201,14 @@ def default_device(device=None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def shape_parameters(shape: str) -> int:
+    """Parameters of a Llama of a named shape (embedding and LM head untied, no biases)."""
+    s = SHAPES[shape]
+    d, L, ffn, V = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
+    kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
+    return L * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + 2 * V * d + d
+
+
 def build_model(shape: str = "tiny", device=None, dtype=None, seed: int = 0):
     """A ``LlamaForCausalLM`` of a named shape with random weights, created directly on ``device``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -367,6 +375,13 @@ def main_replay(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     load_trace(args.replay)  # a bad trace fails before a large model is built
+    if args.shape in SHAPES:  # an unknown one fails in build_model, with the list
+        device, n = default_device(args.device), shape_parameters(args.shape)
+        dtype = args.dtype or SHAPES[args.shape]["dtype"]
+        print(f"specee bench --replay: a random-weight {args.shape} ({n / 1e9:.2f}B parameters, {dtype}) on {device}")
+        if device.type == "cpu" and n > 1e9:
+            print("  a CPU decodes a model this size at seconds per token, the warm-up alone for minutes; "
+                  "--shape smollm2-135m or host32 suit a CPU")
     model = build_model(args.shape, args.device, args.dtype)
     doc = run_replay(model, args.replay, schedules=args.schedules, max_new_tokens=args.max_new_tokens,
                      batch_size=args.replay_batch_size, prompt_len=args.prompt_len, reps=args.reps,

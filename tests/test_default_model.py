@@ -111,3 +111,17 @@ def test_cli_reports_bad_options(tiny_model_dir, capsys):
     assert cli.main(["generate", "--model", tiny_model_dir, "--prompt", "w1", "--mode", "confidence",
                      "--threshold", "2"]) == 2
     assert "outside [0, 1]" in capsys.readouterr().err
+
+
+@needs_default
+def test_readme_quickstart_runs(default_model, monkeypatch, capsys):
+    """The README's Quickstart block, as a user would paste it (the model comes from this module's fixture)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    block = readme.split("## Quickstart", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.setattr(specee, "load_default_model", lambda: default_model)
+    ns = {}
+    exec(compile(block, "README.md#quickstart", "exec"), ns)
+    assert isinstance(ns["bank"], specee.PredictorBank)
+    assert ns["out"].shape[0] == 2 and "tensor(" in capsys.readouterr().out  # the printed exit layers

@@ -7,7 +7,7 @@ import torch
 
 from specee import cli
 from specee.replay import (SHAPES, TRACES, TracePolicy, build_model, load_trace, replay_decode, rescale,
-                           synthetic_trace, trace_stats)
+                           shape_parameters, synthetic_trace, trace_stats)
 
 
 def test_synthetic_trace_has_specees_published_statistics():
@@ -77,6 +77,29 @@ def test_batch_rows_follow_their_own_part_of_the_trace(tiny, schedule):
     # row b starts at entry b * max_new_tokens; decode step s is token s + 1
     assert res.exit_layers[0, 1:].tolist() == trace[: T - 1]
     assert res.exit_layers[1, 1:].tolist() == trace[T: 2 * T - 1]
+
+
+@pytest.mark.parametrize("shape", ["tiny", "host32", "smollm2-135m"])
+def test_shape_parameters_count_the_built_model(shape):
+    model = build_model(shape, "cpu")
+    assert shape_parameters(shape) == sum(p.numel() for p in model.parameters())
+
+
+def test_bench_replay_says_what_it_builds_before_building(monkeypatch, capsys):
+    """A 7B shape on the CPU would build and decode for long in silence: the size and the CPU shapes come first."""
+    from specee import replay
+
+    class Built(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Built
+
+    monkeypatch.setattr(replay, "build_model", stop)
+    with pytest.raises(Built):
+        cli.main(["bench", "--replay", "specee_synthetic", "--device", "cpu"])  # default shape: llama2-7b
+    out = capsys.readouterr().out
+    assert "llama2-7b (6.74B parameters, bfloat16) on cpu" in out and "host32 suit a CPU" in out
 
 
 def test_bench_replay_cli_on_a_tiny_shape(tmp_path, capsys):
