@@ -72,9 +72,14 @@ def run_metadata() -> dict:
 
 
 
+# exit_config of each mode on the command line (bench, demo, generate), by layer count: skipdecode ends at 3/4 of the
+# stack; confidence tests every third layer from the middle (each test runs the full LM head, about six layers'
+# worth on the default model, so its tests are spaced out)
 DEFAULT_CONFIGS = {
+    "full": lambda L: None,
     "skipdecode": lambda L: dict(min_layers=(3 * L) // 4),
     "confidence": lambda L: dict(thresholds=0.95, layers=list(range(L // 2, L - 1, 3))),
+    "early_exit": lambda L: None,
     "self_speculative": lambda L: None,
 }
 

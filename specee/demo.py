@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from .bench import head_cost_ms, oracle_bound, oracle_exits, synchronize
+from .bench import DEFAULT_CONFIGS, head_cost_ms, oracle_bound, oracle_exits, synchronize
 from .generate import generate
 from .prompts import encode, load_prompts, new_tokens
 
@@ -41,10 +41,11 @@ def load_model_from_args(args):
 
 
 def exit_config_from_args(args, num_layers, model=None):
-    cfg = {"kv_policy": args.kv_policy}
-    if args.mode == "confidence":
-        cfg["thresholds"] = 0.95 if args.threshold is None else args.threshold
-        cfg["layers"] = list(range(num_layers // 2, num_layers - 1))
+    """The exit_config of --mode: the command line's defaults (``bench.DEFAULT_CONFIGS``, as `specee bench` uses)
+    under the options given."""
+    cfg = {"kv_policy": args.kv_policy, **(DEFAULT_CONFIGS[args.mode](num_layers) or {})}
+    if args.mode == "confidence" and args.threshold is not None:
+        cfg["thresholds"] = args.threshold
     if args.mode == "skipdecode" and args.min_layers is not None:
         cfg["min_layers"] = args.min_layers
     if args.mode == "early_exit" and model is not None:

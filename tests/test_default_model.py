@@ -90,6 +90,24 @@ def test_cli_demo_on_a_model_dir(tiny_model_dir, tmp_path, capsys, mode):
     assert bound >= 1.0  # the oracle never runs more layers than full
 
 
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_cli_exit_configs_are_the_benchs(command):
+    """demo and generate decode a mode with the exit_config `specee bench` measures it with, under --threshold and
+    --min-layers."""
+    from specee.bench import DEFAULT_CONFIGS
+    from specee.demo import exit_config_from_args
+
+    extra = ["--prompt", "x"] if command == "generate" else []
+    parse = cli.build_parser().parse_args
+    for mode in ("confidence", "skipdecode", "self_speculative"):
+        cfg = exit_config_from_args(parse([command, "--mode", mode, *extra]), 30)
+        assert cfg == {"kv_policy": "deferred", **(DEFAULT_CONFIGS[mode](30) or {})}
+    assert exit_config_from_args(parse([command, "--mode", "confidence", "--threshold", "0.5", *extra]),
+                                 30)["thresholds"] == 0.5
+    assert exit_config_from_args(parse([command, "--mode", "skipdecode", "--min-layers", "9", *extra]),
+                                 30)["min_layers"] == 9
+
+
 def test_cli_demo_defaults_to_early_exit(tiny_model_dir, tmp_path, capsys):
     """The demo shows SpecEE's exits with the shipped bank by default; on a model the bank was not trained for it
     says how to train one or which modes need none."""
