@@ -1,7 +1,7 @@
 """End-to-end decode speed on the default model: HF generate vs specee's modes, side by side.
 
     python bench/e2e.py [--prompts FILE] [--num-prompts 13] [--max-new-tokens 64] [--threads 2]
-                        [--modes full skipdecode confidence self_speculative] [--batch-sizes 1]
+                        [--modes ...  (default: every mode)] [--batch-sizes 1]
                         [--peers llama_cpp hf_compile]
 
 The Spec-Bench prompts (../shared/data/spec_bench_dev.jsonl) are spread over its categories; every
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, default_prompt_file, write_json  # noqa: E402
 
 import specee  # noqa: E402
-from specee.bench import plot_bench, run_bench, summary_table  # noqa: E402
+from specee.bench import bench_modes, plot_bench, run_bench, summary_table  # noqa: E402
 from specee.prompts import load_prompts  # noqa: E402
 
 
@@ -46,7 +46,8 @@ def main(argv=None):
     ap.add_argument("--prompts", default=str(default_prompt_file()))
     ap.add_argument("--num-prompts", type=int, default=13)
     ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--modes", nargs="+", default=["full", "skipdecode", "confidence"])
+    ap.add_argument("--modes", nargs="+", default=None, help="default: every mode (as specee bench)")
+    ap.add_argument("--predictors", default=None, help="early_exit's bank (default: the shipped one)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--peers", nargs="*", default=[], help="llama_cpp hf_compile (see specee bench --peers)")
@@ -54,7 +55,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tok = specee.load_default_model()
-    doc = run_bench(model, tok, pick_prompts(args.prompts, args.num_prompts), modes=args.modes,
+    modes, configs, _ = bench_modes(args, model)
+    doc = run_bench(model, tok, pick_prompts(args.prompts, args.num_prompts), modes=modes, exit_configs=configs,
                     batch_sizes=args.batch_sizes, max_new_tokens=args.max_new_tokens, peers=args.peers,
                     default_model=True)
     path = write_json(f"{args.out}.json", dict(benchmark="e2e", model="SmolLM2-135M-Instruct (fp32)",
