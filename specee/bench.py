@@ -281,7 +281,8 @@ def _plain(cfg):
     """An exit config as JSON can hold it: objects (a predictor bank) by their repr."""
     if cfg is None:
         return None
-    return {k: v if isinstance(v, (bool, int, float, str, list, tuple, type(None))) else repr(v) for k, v in cfg.items()}
+    plain = (bool, int, float, str, list, tuple, type(None))
+    return {k: v if isinstance(v, plain) else repr(v) for k, v in cfg.items()}
 
 
 def oracle_bound(mean_exit: float, num_layers: int, step_ms: float, head_ms: float) -> float:
