@@ -157,7 +157,9 @@ def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, to
     """The LM head, one predictor evaluation and the draft, in units of one decoder layer.
 
     A layer is (one full-mode decode step - one LM head) / L, from specee's own decode loop, so the
-    units are what an exit saves. Medians (head, predictor, draft) and minima (decode) of repeats.
+    units are what an exit saves. Medians (head, predictor kernel, draft) and minima (decode) of repeats.
+    ``predictor`` is what an evaluated layer costs the engine's decode (:func:`evaluation_cost_s`: the op, its
+    read-back, one more call, bookkeeping), ``predictor_kernel`` the op alone.
     """
     from . import ops
     from .drafts import source_cost_ms
@@ -177,8 +179,8 @@ def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, to
         return sorted(ts)[len(ts) // 2]
 
     ids = torch.arange(3, 11, device=a.device)[None]
-    gen = lambda n: generate(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0,  # noqa: E731
-                             eos_token_id=None, min_new_tokens=n)
+    gen = lambda n, **kw: generate(model, ids, max_new_tokens=n, do_sample=False, pad_token_id=0,  # noqa: E731
+                                   eos_token_id=None, min_new_tokens=n, **kw)
     def once(fn):
         t = time.perf_counter()
         fn()
@@ -192,8 +194,48 @@ def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, to
     c = torch.zeros(1, k, dtype=torch.long, device=a.device)
     w = [t.to(a.device) for t in (torch.zeros(H, 3 * k), torch.zeros(H), torch.zeros(H), torch.zeros(1))]
     prev = torch.full((1, k), 0.25, device=a.device)
-    pred = med(lambda: ops.exit_predict(x, a.norm.weight, a.shape.rms_eps, a.lm_head.weight, c, prev, *w, 0.5))
-    out = dict(layer_ms=1e3 * layer, step_ms=1e3 * step, head=head / layer, predictor=pred / layer)
+    kernel = med(lambda: ops.exit_predict(x, a.norm.weight, a.shape.rms_eps, a.lm_head.weight, c, prev, *w, 0.5))
+    evaluation = evaluation_cost_s(model, gen, 2 * tokens)
+    out = dict(layer_ms=1e3 * layer, step_ms=1e3 * step, head=head / layer, predictor=evaluation / layer,
+               predictor_kernel=kernel / layer)
     if draft is not None:
         out["draft"] = source_cost_ms(draft, a, repeats=repeats) / (1e3 * layer)
     return out
+
+
+class _FreeDraft(DraftSource):
+    """Candidates 0..k-1 at no cost: what an evaluated layer costs, apart from the draft."""
+
+    type = "free"
+
+    def propose(self, hidden, adapter):
+        return torch.arange(self.k, device=hidden.device).expand(hidden.shape[0], self.k)
+
+
+def evaluation_cost_s(model, gen, tokens: int, k: int = 4, hidden: int = 128, repeats: int = 4) -> float:
+    """Seconds one evaluated layer adds to a decode step, as the engine runs it: the predictor op, its read-back,
+    the stack split into one more call, the bookkeeping. Decodes ``tokens`` tokens with ``early_exit`` and a bank
+    that evaluates every layer from the middle and never fires (score 0.5 under threshold 0.9), against ``full``
+    over the same tokens (``gen(n, **kw)`` decodes n tokens); the op alone is a small part of it."""
+    from .predictors import PredictorBank
+
+    L = model.config.num_hidden_layers
+    layers = list(range(L // 2, L - 1))
+    dev = next(model.parameters()).device
+    zero = {l: tuple(torch.zeros(*shape, device=dev) for shape in ((hidden, 3 * k), (hidden,), (hidden,), (1,)))
+            for l in layers}
+    bank = PredictorBank(zero, 0.9, _FreeDraft(k), always=layers)
+    ee = dict(mode="early_exit", exit_config=dict(predictor=bank))
+
+    def once(**kw):
+        t = time.perf_counter()
+        gen(tokens + 1, **kw)
+        return time.perf_counter() - t
+
+    once(**ee)  # warm-up
+    runs = [(once(**ee), once()) for _ in range(repeats)]  # interleaved; the fastest of each, as for the decode
+    extra = min(r[0] for r in runs) - min(r[1] for r in runs)
+    evaluations = tokens * len(layers)  # every decode step evaluates every layer of the bank
+    if bank.stats["evaluations"] != evaluations:
+        raise RuntimeError(f"the cost probe evaluated {bank.stats['evaluations']} layers, expected {evaluations}")
+    return max(extra, 0.0) / evaluations

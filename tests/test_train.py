@@ -154,6 +154,18 @@ def test_simulation_exits_at_the_first_confirmed_firing_layer_and_prices_it():
     assert not sim["exited"].any() and sim["cost"] == pytest.approx(L + 4 * 0.1 + 4.0)
 
 
+def test_measured_costs_price_an_evaluation_as_the_engine_runs_it():
+    """measure_costs' predictor cost comes from decoding with a bank that evaluates every layer from the middle and
+    never fires (the probe checks its own evaluation count), beside the op alone; all in layer units."""
+    from specee.calibrate import measure_costs
+    from specee.drafts import NGramSource
+
+    costs = measure_costs(make_tiny("llama", num_hidden_layers=6), NGramSource(4), repeats=3, tokens=4)
+    assert {"layer_ms", "step_ms", "head", "predictor", "predictor_kernel", "draft"} <= set(costs)
+    assert all(math.isfinite(v) and v >= 0 for v in costs.values())
+    assert costs["layer_ms"] > 0 and costs["predictor_kernel"] > 0
+
+
 def test_prompt_specs_and_splits():
     assert parse_prompt_spec("a/b.jsonl") == ("a/b.jsonl", slice(None))
     assert parse_prompt_spec("x.jsonl[0::2]") == ("x.jsonl", slice(0, None, 2))
