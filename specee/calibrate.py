@@ -159,7 +159,7 @@ def measure_costs(model, draft: DraftSource | None = None, repeats: int = 30, to
     A layer is (one full-mode decode step - one LM head) / L, from specee's own decode loop, so the
     units are what an exit saves. Medians (head, predictor kernel, draft) and minima (decode) of repeats.
     ``predictor`` is what an evaluated layer costs the engine's decode (:func:`evaluation_cost_s`: the op, its
-    read-back, one more call, bookkeeping), ``predictor_kernel`` the op alone.
+    read-back, the bookkeeping), ``predictor_kernel`` the op alone.
     """
     from . import ops
     from .drafts import source_cost_ms
@@ -214,7 +214,7 @@ class _FreeDraft(DraftSource):
 
 def evaluation_cost_s(model, gen, tokens: int, k: int = 4, hidden: int = 128, repeats: int = 4) -> float:
     """Seconds one evaluated layer adds to a decode step, as the engine runs it: the predictor op, its read-back,
-    the stack split into one more call, the bookkeeping. Decodes ``tokens`` tokens with ``early_exit`` and a bank
+    the bookkeeping (and, where ``gen`` compiles, one more graph call, as the stack splits there). Decodes ``tokens`` tokens with ``early_exit`` and a bank
     that evaluates every layer from the middle and never fires (score 0.5 under threshold 0.9), against ``full``
     over the same tokens (``gen(n, **kw)`` decodes n tokens); the op alone is a small part of it."""
     from .predictors import PredictorBank
