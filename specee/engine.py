@@ -84,7 +84,6 @@ class Engine:
         contiguous = slice(slots[0], slots[-1] + 1)
         cur_t = all_t[len(all_slots) - len(slots):]
         unmasked = not pend and not cache.needs_mask(len(slots), slots[0], additive)
-        shared_mask = None if cache.has_holes or unmasked else cache.mask(None, cur_t, a.dtype, additive)
 
         exits = None
         if plan.eval_layers:
@@ -99,7 +98,8 @@ class Engine:
         def region_mask(l, query_slots):
             """The mask of layer l's region: the holes and the deferred slots that join in change only at
             boundaries, so every span between two of them (span() never crosses one) shares one mask, made once
-            per step (and, being the same tensor, copied once into compiled or graphed inputs)."""
+            per step (and, being the same tensor, copied once into compiled or graphed inputs). Without holes
+            there are no boundaries: one mask for the whole step."""
             region = sum(b <= l for b in boundaries)
             if region not in region_masks:
                 region_masks[region] = cache.mask(l, query_slots, a.dtype, additive)
@@ -121,7 +121,7 @@ class Engine:
         def run_span(l, n, hidden):
             active = pend.active(l) if pend else []
             if not active:
-                mask = shared_mask if shared_mask is not None or unmasked else region_mask(l, cur_t)
+                mask = None if unmasked else region_mask(l, cur_t)
                 k = len(all_slots) - len(slots)
                 return a.segment(l, n, hidden, mask, position_ids[:, k:], (cos[:, k:], sin[:, k:]),
                                  cache.view(cur_t, contiguous))

@@ -201,29 +201,36 @@ def default_device(device=None) -> torch.device:
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def shape_config(shape: str):
+    """The ``LlamaConfig`` of a named shape (untied head, no special tokens, sdpa)."""
+    from transformers import LlamaConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}.")
+    spec = {k: v for k, v in SHAPES[shape].items() if k != "dtype"}
+    cfg = LlamaConfig(**spec, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=None, pad_token_id=None)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
 def shape_parameters(shape: str) -> int:
-    """Parameters of a Llama of a named shape (embedding and LM head untied, no biases)."""
-    s = SHAPES[shape]
-    d, L, ffn, V = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
-    kv = d * s["num_key_value_heads"] // s["num_attention_heads"]
-    return L * (2 * d * d + 2 * d * kv + 3 * d * ffn + 2 * d) + 2 * V * d + d
+    """Parameters of a Llama of a named shape, counted on the meta device (nothing allocated)."""
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(shape_config(shape)).parameters())
 
 
 def build_model(shape: str = "tiny", device=None, dtype=None, seed: int = 0):
     """A ``LlamaForCausalLM`` of a named shape with random weights, created directly on ``device``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}.")
-    spec = dict(SHAPES[shape])
-    dtype = dtype or getattr(torch, spec.pop("dtype"))
-    spec.pop("dtype", None)
+    cfg = shape_config(shape)
+    dtype = dtype or SHAPES[shape]["dtype"]
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     device = default_device(device)
-    cfg = LlamaConfig(**spec, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=None,
-                      eos_token_id=None, pad_token_id=None)
-    cfg._attn_implementation = "sdpa"
     torch.manual_seed(seed)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
